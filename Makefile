@@ -1,0 +1,24 @@
+# The two set-up commands of the README: `make serve` and `make test`.
+# Both create .venv on first use and install with constraints.txt (torch pinned to the CPU 2.13.0 build).
+PYTHON ?= python3
+VENV ?= .venv
+PIP = $(VENV)/bin/python -m pip
+EXTRAS ?= cpu,export,test
+
+.PHONY: install serve test lint
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+install: $(VENV)/bin/python
+	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
+
+serve: install
+	$(VENV)/bin/offramp serve $(ARGS)
+
+test: install
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check server model_export load_tests tests

@@ -1,0 +1,1 @@
+"""Load tests and benchmarks (locust, `offramp bench`). Benchmarks write files; they are not tests."""

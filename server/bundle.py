@@ -1,0 +1,349 @@
+"""The bundle: the contract between `model_export` (writes it) and `server` (reads it).
+
+A bundle is a directory holding `manifest.json`, one ONNX segment per stage (`stage_00.onnx` ...),
+`calibration.npz` and optionally `reference.onnx`, the same model as one monolithic graph (used
+by benchmarks as the compute reference). The schema lives here because the runtime owns the
+format; `model_export` imports it, never the reverse.
+
+Tensor names are fixed by role so that every head kind serves through the same engine:
+
+- stage 0 takes the model input (`manifest.input.name`); stage k > 0 takes `hidden_in`;
+- every stage outputs `hidden` (its hidden state, [N, ...]) and `logits` ([N, C]);
+- optionally `gate` ([N], a learned exit probability in [0, 1]) and, for k > 0, `similarity`
+  ([N], cosine similarity of the class token before and after the stage, MuE).
+
+`calibration.npz` holds `labels` (int64 [N]), `logits` (float32 [S, N, C]) and, when the
+stages have them, `gate` and `similarity` (float32 [S, N]; similarity is NaN at stage 0), all on
+the held-out validation split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CALIBRATION = "calibration.npz"
+REFERENCE = "reference.onnx"
+
+HIDDEN_IN = "hidden_in"
+HIDDEN = "hidden"
+LOGITS = "logits"
+GATE = "gate"
+SIMILARITY = "similarity"
+OPTIONAL_OUTPUTS = (GATE, SIMILARITY)
+
+Criterion = Literal["max_prob", "margin", "entropy", "patience", "similarity", "gate", "q_exit"]
+CRITERIA: tuple[str, ...] = ("max_prob", "margin", "entropy", "patience", "similarity", "gate", "q_exit")
+Dtype = Literal["FP32", "FP16", "INT64", "INT32", "UINT8", "BOOL"]
+
+# V2 datatype -> numpy dtype, and the ONNX TensorProto elem_type of each.
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype(np.float32),
+    "FP16": np.dtype(np.float16),
+    "INT64": np.dtype(np.int64),
+    "INT32": np.dtype(np.int32),
+    "UINT8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+ONNX_ELEM_TYPES: dict[str, int] = {"FP32": 1, "UINT8": 2, "INT32": 6, "INT64": 7, "BOOL": 9, "FP16": 10}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    shape: list[int] = Field(description="-1 marks a dynamic axis (always the batch axis, first).")
+    dtype: Dtype = "FP32"
+
+
+class InputSpec(TensorSpec):
+    preprocessing: str = Field("", description="What the client sends and what stage 0 does with it.")
+
+
+class StageSpec(_Strict):
+    index: int = Field(ge=0)
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    blocks: list[int] = Field(description="Backbone blocks this stage runs (its exit head follows the last).")
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    flops: int = Field(ge=0, description="FLOPs per sample of this stage, its exit head included.")
+    params: int = Field(ge=0, description="Parameters of this stage, its exit head included.")
+    head: str = Field("linear", description="Exit head kind (informational).")
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def has_output(self, name: str) -> bool:
+        return name in self.output_names()
+
+
+class PolicySpec(_Strict):
+    """An exit policy as stored: one threshold per early exit (every stage but the last)."""
+
+    criterion: Criterion = "max_prob"
+    thresholds: list[float | None]
+
+
+class AccuracySpec(_Strict):
+    split: str = "test"
+    samples: int = Field(ge=0)
+    per_stage: list[float] = Field(description="Accuracy of every exit, the final stage last.")
+
+
+class ReferenceSpec(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    outputs: list[str] = Field(description="Logits of every exit, in stage order.")
+
+
+class Manifest(_Strict):
+    format_version: int
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    version: str = "1"
+    task: Literal["classification"] = "classification"
+    labels: list[str]
+    input: InputSpec
+    stages: list[StageSpec] = Field(min_length=1)
+    default_policy: PolicySpec
+    accuracy: AccuracySpec
+    calibration: str | None = CALIBRATION
+    reference: ReferenceSpec | None = None
+    created_by: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        problems: list[str] = []
+        for i, stage in enumerate(self.stages):
+            if stage.index != i:
+                problems.append(f"stage {i} has index {stage.index}")
+            want_in = self.input.name if i == 0 else HIDDEN_IN
+            if [t.name for t in stage.inputs] != [want_in]:
+                problems.append(f"stage {i} inputs must be [{want_in!r}], got {[t.name for t in stage.inputs]}")
+            names = stage.output_names()
+            if names[:2] != [HIDDEN, LOGITS] or any(n not in OPTIONAL_OUTPUTS for n in names[2:]):
+                problems.append(f"stage {i} outputs must be ['hidden', 'logits'] + optional {OPTIONAL_OUTPUTS}, got {names}")
+            logits = next((t for t in stage.outputs if t.name == LOGITS), None)
+            if logits is not None and logits.shape[-1] != len(self.labels):
+                problems.append(f"stage {i} logits have {logits.shape[-1]} classes, manifest has {len(self.labels)} labels")
+        if len(self.default_policy.thresholds) != len(self.stages) - 1:
+            problems.append(
+                f"default_policy has {len(self.default_policy.thresholds)} thresholds, "
+                f"expected {len(self.stages) - 1} (one per early exit)"
+            )
+        if len(self.accuracy.per_stage) != len(self.stages):
+            problems.append(f"accuracy.per_stage has {len(self.accuracy.per_stage)} entries for {len(self.stages)} stages")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def cumulative_flops(self) -> list[int]:
+        out, total = [], 0
+        for stage in self.stages:
+            total += stage.flops
+            out.append(total)
+        return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    path = Path(directory) / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+class Calibration(BaseModel):
+    """Every exit's outputs on held-out data, to recompute thresholds at any time."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    labels: np.ndarray  # int64 [N]
+    logits: np.ndarray  # float32 [S, N, C]
+    gate: np.ndarray | None = None  # float32 [S, N]
+    similarity: np.ndarray | None = None  # float32 [S, N], NaN at stage 0
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        try:
+            with np.load(path) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as err:  # np.load raises many kinds for a damaged file
+            raise BundleError(f"{path.name}: cannot read calibration data ({err})") from err
+        missing = {"labels", "logits"} - arrays.keys()
+        if missing:
+            raise BundleError(f"{path.name}: missing arrays {sorted(missing)}")
+        calib = cls(
+            labels=arrays["labels"].astype(np.int64),
+            logits=arrays["logits"].astype(np.float32),
+            gate=arrays["gate"].astype(np.float32) if "gate" in arrays else None,
+            similarity=arrays["similarity"].astype(np.float32) if "similarity" in arrays else None,
+        )
+        if calib.logits.ndim != 3 or calib.logits.shape[1] != calib.labels.shape[0]:
+            raise BundleError(
+                f"{path.name}: logits must be [stages, samples, classes] matching labels, "
+                f"got {calib.logits.shape} for {calib.labels.shape[0]} labels"
+            )
+        return calib
+
+    def save(self, path: Path) -> None:
+        arrays = {"labels": self.labels, "logits": self.logits}
+        if self.gate is not None:
+            arrays["gate"] = self.gate
+        if self.similarity is not None:
+            arrays["similarity"] = self.similarity
+        np.savez_compressed(path, **arrays)
+
+
+class Bundle:
+    """A verified bundle on disk. Build it with `load_bundle`."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    def stage_path(self, index: int) -> Path:
+        return self.root / self.manifest.stages[index].file
+
+    def reference_path(self) -> Path | None:
+        ref = self.manifest.reference
+        return None if ref is None else self.root / ref.file
+
+    def calibration(self) -> Calibration:
+        if self.manifest.calibration is None:
+            raise BundleError(f"{self.root / MANIFEST}: this bundle has no calibration data")
+        return Calibration.load(self.root / self.manifest.calibration)
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.name!r}, {self.manifest.num_stages} stages, {self.root})"
+
+
+def _check_onnx_io(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> list[str]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf decode errors have no common base
+        return [f"{path.name}: not a readable ONNX model ({type(err).__name__}: {err})"]
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    actual_in = {v.name: v for v in graph.input if v.name not in initializers}
+    actual_out = {v.name: v for v in graph.output}
+    problems = []
+    for kind, want, have in (("input", inputs, actual_in), ("output", outputs, actual_out)):
+        want_names = [t.name for t in want]
+        if sorted(want_names) != sorted(have):
+            problems.append(f"{path.name}: {kind}s are {sorted(have)}, manifest says {sorted(want_names)}")
+            continue
+        for spec in want:
+            ttype = have[spec.name].type.tensor_type
+            if ttype.elem_type != ONNX_ELEM_TYPES[spec.dtype]:
+                problems.append(f"{path.name}: {kind} {spec.name!r} has ONNX elem_type {ttype.elem_type}, manifest says {spec.dtype}")
+            rank = len(ttype.shape.dim)
+            if rank != len(spec.shape):
+                problems.append(f"{path.name}: {kind} {spec.name!r} has rank {rank}, manifest shape is {spec.shape}")
+    return problems
+
+
+def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
+    """Read and verify a bundle: format version, schema, files present, sha256, ONNX inputs/outputs.
+
+    Raises `BundleError` naming the file and everything wrong with it.
+    """
+    root = Path(root)
+    manifest_path = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle directory does not exist")
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: manifest is missing")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{manifest_path}: malformed JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise BundleError(f"{manifest_path}: malformed manifest (expected a JSON object)")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported (this server reads {FORMAT_VERSION})")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as err:
+        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors())
+        raise BundleError(f"{manifest_path}: malformed manifest: {details}") from err
+
+    problems: list[str] = []
+    files: list[tuple[str, str, list[TensorSpec] | None, list[TensorSpec] | None]] = [
+        (s.file, s.sha256, s.inputs, s.outputs) for s in manifest.stages
+    ]
+    if manifest.reference is not None:
+        files.append((manifest.reference.file, manifest.reference.sha256, None, None))
+    for file, sha, inputs, outputs in files:
+        path = root / file
+        if not path.is_file():
+            problems.append(f"{path}: file is missing")
+            continue
+        if verify_hashes and sha256_file(path) != sha:
+            problems.append(f"{path}: sha256 does not match the manifest (file changed or corrupt)")
+            continue
+        if inputs is not None and outputs is not None:
+            problems.extend(_check_onnx_io(path, inputs, outputs))
+    if manifest.calibration is not None and not (root / manifest.calibration).is_file():
+        problems.append(f"{root / manifest.calibration}: calibration file is missing")
+    if problems:
+        raise BundleError("bundle " + str(root) + " is invalid:\n  " + "\n  ".join(problems))
+    return Bundle(root, manifest)
+
+
+def inspect_table(bundle: Bundle) -> str:
+    """A text table of stages: FLOPs, cumulative FLOPs fraction, params, exit accuracy."""
+    m = bundle.manifest
+    total = max(1, sum(s.flops for s in m.stages))
+    cumulative = m.cumulative_flops()
+    lines = [
+        f"{m.name} v{m.version}: {m.num_stages} stages, {m.num_classes} classes, input {m.input.name} "
+        f"{m.input.shape} {m.input.dtype}",
+        f"default policy: {m.default_policy.criterion} {m.default_policy.thresholds}",
+        "",
+        f"{'stage':>5} {'blocks':>10} {'head':>8} {'MFLOPs':>10} {'cum. frac':>9} {'params':>10} "
+        f"{'exit acc':>9}",
+    ]
+    for stage, cum, acc in zip(m.stages, cumulative, m.accuracy.per_stage):
+        blocks = ",".join(map(str, stage.blocks)) or "-"
+        lines.append(
+            f"{stage.index:>5} {blocks:>10} {stage.head:>8} {stage.flops / 1e6:>10.3f} {cum / total:>9.3f} "
+            f"{stage.params:>10,} {acc:>9.4f}"
+        )
+    lines.append(f"total {total / 1e6:.3f} MFLOPs per sample; accuracy on {m.accuracy.split} split "
+                 f"({m.accuracy.samples} samples)")
+    return "\n".join(lines)

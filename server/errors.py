@@ -1,0 +1,68 @@
+"""Errors that carry their HTTP status. One base class, a few subclasses, one exception handler."""
+
+from __future__ import annotations
+
+
+class OfframpError(Exception):
+    """Base error: `str(err)` is the message a client sees, `status_code` the HTTP status."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, status_code: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+        self.headers = headers or {}
+
+
+class BadRequest(OfframpError):
+    status_code = 400
+
+
+class Unauthorized(OfframpError):
+    status_code = 401
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(OfframpError):
+    status_code = 403
+
+
+class NotFound(OfframpError):
+    status_code = 404
+
+
+class PreconditionFailed(OfframpError):
+    status_code = 412
+
+
+class PayloadTooLarge(OfframpError):
+    status_code = 413
+
+
+class Unprocessable(OfframpError):
+    status_code = 422
+
+
+class Overloaded(OfframpError):
+    """The queue is full: the client should come back later."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, headers={"Retry-After": str(max(1, round(retry_after_s)))})
+
+
+class NotReady(OfframpError):
+    status_code = 503
+
+
+class RequestTimeout(OfframpError):
+    status_code = 504
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be served. The message names the file and what is wrong with it."""

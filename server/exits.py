@@ -1,0 +1,155 @@
+"""Exit criteria: pure numpy functions of one stage's outputs and per-sample state.
+
+Every criterion turns a stage's outputs into one *score* per sample, higher meaning "surer", and a
+sample may exit at an early stage when `score >= threshold` (for entropy, when the normalised
+entropy is `<= threshold`; its score is the negated entropy). A threshold of `None` disables that
+exit. The last stage always answers.
+
+- `max_prob`: largest softmax probability (DeeBERT, MET, LGViT).
+- `margin`: top-1 minus top-2 softmax probability.
+- `entropy`: entropy of the softmax divided by log(C), in [0, 1] (BranchyNet).
+- `patience`: number of consecutive exits, this one included, that predicted the same label;
+  exit when it reaches the threshold, an integer (PABEE).
+- `similarity`: cosine similarity of the hidden state before and after the stage, head-free (MuE).
+- `gate`: the stage's learned exit probability (JEI-DNN style gate).
+- `q_exit`: cumulative exit probability 1 - prod_j (1 - gate_j) over the stages so far (PALBERT).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CRITERIA = ("max_prob", "margin", "entropy", "patience", "similarity", "gate", "q_exit")
+NEEDS_GATE = ("gate", "q_exit")
+NEEDS_SIMILARITY = ("similarity",)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32, copy=False)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def threshold_range(criterion: str, num_stages: int) -> tuple[float, float]:
+    """Valid thresholds (inclusive) for a criterion."""
+    if criterion == "patience":
+        return 1.0, float(num_stages)
+    if criterion == "similarity":
+        return -1.0, 1.0
+    return 0.0, 1.0
+
+
+def validate_thresholds(criterion: str, thresholds: list[float | None], num_stages: int) -> list[str]:
+    """Problems with a threshold list for a model of `num_stages` stages (empty when valid)."""
+    if criterion not in CRITERIA:
+        return [f"unknown criterion {criterion!r}; choose one of {list(CRITERIA)}"]
+    problems = []
+    if len(thresholds) != num_stages - 1:
+        problems.append(f"expected {num_stages - 1} thresholds (one per early exit), got {len(thresholds)}")
+    lo, hi = threshold_range(criterion, num_stages)
+    for i, t in enumerate(thresholds):
+        if t is None:
+            continue
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t):
+            problems.append(f"threshold {i} must be a number or null, got {t!r}")
+        elif not lo <= t <= hi:
+            problems.append(f"threshold {i} = {t} is outside [{lo:g}, {hi:g}] for {criterion}")
+        elif criterion == "patience" and float(t) != int(t):
+            problems.append(f"threshold {i} = {t}: patience takes an integer")
+    return problems
+
+
+@dataclass(frozen=True)
+class ExitState:
+    """Per-sample state carried from stage to stage (rows follow the samples)."""
+
+    prev_label: np.ndarray  # int64 [N], -1 before the first stage
+    run: np.ndarray  # int32 [N], consecutive exits with the same label so far
+    survive: np.ndarray  # float64 [N], probability of not having exited so far (q_exit)
+
+    @classmethod
+    def initial(cls, n: int) -> ExitState:
+        return cls(np.full(n, -1, np.int64), np.zeros(n, np.int32), np.ones(n, np.float64))
+
+    def __len__(self) -> int:
+        return len(self.prev_label)
+
+    def take(self, rows: np.ndarray) -> ExitState:
+        return ExitState(self.prev_label[rows], self.run[rows], self.survive[rows])
+
+    @staticmethod
+    def concat(states: list[ExitState]) -> ExitState:
+        return ExitState(
+            np.concatenate([s.prev_label for s in states]),
+            np.concatenate([s.run for s in states]),
+            np.concatenate([s.survive for s in states]),
+        )
+
+
+def advance(
+    criterion: str,
+    logits: np.ndarray,
+    state: ExitState,
+    gate: np.ndarray | None = None,
+    similarity: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, ExitState]:
+    """Scores of one stage for every sample, the predicted labels, and the updated state.
+
+    The state is updated whether or not this exit is enabled (patience counts every exit).
+    """
+    probs = softmax(logits)
+    labels = probs.argmax(axis=-1).astype(np.int64)
+    same = labels == state.prev_label
+    run = np.where(same, state.run + 1, 1).astype(np.int32)
+    survive = state.survive
+    if criterion == "max_prob":
+        score = probs.max(axis=-1)
+    elif criterion == "margin":
+        top2 = np.partition(probs, -2, axis=-1)[:, -2:] if probs.shape[-1] > 1 else np.concatenate(
+            [np.zeros_like(probs), probs], axis=-1)
+        score = top2[:, 1] - top2[:, 0]
+    elif criterion == "entropy":
+        c = probs.shape[-1]
+        ent = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1) / (np.log(c) if c > 1 else 1.0)
+        score = -ent
+    elif criterion == "patience":
+        score = run.astype(np.float32)
+    elif criterion in NEEDS_SIMILARITY:
+        if similarity is None:
+            raise ValueError("criterion 'similarity' needs a stage output 'similarity'")
+        score = np.nan_to_num(similarity.astype(np.float32).reshape(-1), nan=-np.inf)
+    elif criterion in NEEDS_GATE:
+        if gate is None:
+            raise ValueError(f"criterion {criterion!r} needs a stage output 'gate'")
+        g = np.clip(gate.astype(np.float64).reshape(-1), 0.0, 1.0)
+        if criterion == "gate":
+            score = g
+        else:
+            score = 1.0 - survive * (1.0 - g)
+            survive = survive * (1.0 - g)
+    else:
+        raise ValueError(f"unknown criterion {criterion!r}")
+    return np.asarray(score, dtype=np.float64), labels, ExitState(labels, run, survive)
+
+
+def score_threshold(criterion: str, threshold: float) -> float:
+    """The score cut that corresponds to a user-facing threshold (exit when score >= cut)."""
+    return -float(threshold) if criterion == "entropy" else float(threshold)
+
+
+def decide(
+    criterion: str,
+    threshold: float | None,
+    logits: np.ndarray,
+    state: ExitState,
+    gate: np.ndarray | None = None,
+    similarity: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, ExitState]:
+    """Exit mask (bool [N]) of one early exit, the predicted labels, and the updated state."""
+    score, labels, new_state = advance(criterion, logits, state, gate, similarity)
+    if threshold is None:
+        return np.zeros(len(score), dtype=bool), labels, new_state
+    return score >= score_threshold(criterion, threshold), labels, new_state

@@ -1,0 +1,92 @@
+"""Server settings: one class, read once, from `OFFRAMP_*` environment variables or `offramp serve` flags.
+
+Live state (exit thresholds) does not live here: it lives in the policy store.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "admin", "password", "xxx"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OFFRAMP_", extra="ignore")
+
+    bundles: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Bundle directories to serve, each as a model named by its manifest. Environment: comma-separated.
+    Empty: serve the demo bundle, building it on first use (needs the `export` extra)."""
+
+    host: str = "127.0.0.1"
+    """Interface to bind. Use 0.0.0.0 inside a container."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port (0 picks a free one)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Execution provider: `cuda` requires onnxruntime-gpu with a visible GPU; `auto` uses CUDA when
+    onnxruntime offers it, CPU otherwise."""
+
+    intra_op_threads: int = Field(0, ge=0)
+    """onnxruntime intra-op threads per stage session (0: onnxruntime's default, one per core).
+    Spinning is always off on CPU: chained sessions that spin fight each other for the cores."""
+
+    inter_op_threads: int = Field(1, ge=0)
+    """onnxruntime inter-op threads per stage session."""
+
+    max_batch_size: int = Field(32, ge=1)
+    """Largest batch (in samples) one stage runs at once."""
+
+    max_queue_delay_ms: float = Field(2.0, ge=0)
+    """How long the first waiting sample may wait for a batch to fill before stage 0 runs."""
+
+    max_queue_size: int = Field(1024, ge=1)
+    """Samples that may wait or be in flight per model; beyond that new requests get 503 at once."""
+
+    request_timeout_s: float = Field(30.0, gt=0)
+    """A request not answered within this time gets 504 and its remaining work is dropped."""
+
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; larger bodies get 413."""
+
+    max_samples_per_request: int = Field(4096, ge=1)
+    """Largest batch a single request may carry; more gets 400."""
+
+    cache_dir: Path = Path.home() / ".cache" / "offramp"
+    """Where the demo bundle is built and cached."""
+
+    state_dir: Path | None = None
+    """Where live exit policies are persisted (atomic writes). None: `<cache_dir>/state`."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for `/admin`. Unset: the admin API is off (403). Never logged."""
+
+    shadow_rate: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of early-exited samples also run to full depth off the request path, to measure the
+    live agreement of early answers with the full model."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the server and uvicorn."""
+
+    @field_validator("bundles", mode="before")
+    @classmethod
+    def _split_bundles(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError("admin_token is a placeholder; set a real secret or leave it unset")
+        return value
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else self.cache_dir / "state"
