@@ -1,0 +1,513 @@
+"""Calibration: pick per-exit thresholds from held-out data that meet a target at the least compute.
+
+Everything here is pure numpy on `calibration.npz` (no torch, no onnxruntime), so the running
+server can recalibrate on request and `offramp calibrate` can do it offline.
+
+Every criterion's scores are independent of the thresholds (patience counts every exit whether
+it is enabled or not), so the scores of all early exits are computed once with `exits.advance`
+and a threshold vector maps each sample to its first exit whose score passes. The search:
+
+1. the best single global threshold, exactly, over every distinct score (a sweep of the points
+   where a sample's exit stage changes);
+2. a Lagrangian sweep: for a range of prices of agreement in compute, coordinate descent over
+   each exit's threshold minimising `compute - price * quality` (per exit, every distinct score is
+   a candidate and one prefix sum evaluates them all);
+3. constrained coordinate descent from the best of those, using any slack left.
+
+The best point found is kept, so the result never costs more than the best global threshold.
+Compute is counted in integer FLOPs, so comparisons are exact. `simulate` then replays the chosen
+policy stage by stage through `exits.decide`, exactly as the engine runs it, and its figures are
+what gets reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from server.bundle import GATE, SIMILARITY, Calibration, Manifest, PolicySpec
+from server.exits import NEEDS_GATE, NEEDS_SIMILARITY, ExitState, advance, decide, softmax, threshold_range
+
+BASE_CRITERIA = ("max_prob", "margin", "entropy", "patience")
+TARGETS = ("target_agreement", "target_accuracy", "compute_budget")
+_PRICES = tuple(float(p) for p in np.geomspace(1e-3, 1e3, 36))
+_PLOT_PRICES = tuple(float(p) for p in np.geomspace(1e-3, 1e3, 120))
+
+
+def available_criteria(manifest: Manifest, calibration: Calibration | None = None) -> list[str]:
+    """Criteria this bundle's stages can serve (and, given calibration data, calibrate)."""
+    early = manifest.stages[:-1]
+    out = list(BASE_CRITERIA)
+    has_gate = calibration is None or calibration.gate is not None
+    if early and all(s.has_output(GATE) for s in early) and has_gate:
+        out += list(NEEDS_GATE)
+    # Similarity compares a stage's hidden state with its input: stage 0 has none, so it needs a later exit.
+    if len(early) > 1 and all(s.has_output(SIMILARITY) for s in early[1:]) and (
+        calibration is None or calibration.similarity is not None
+    ):
+        out += list(NEEDS_SIMILARITY)
+    return out
+
+
+@dataclass(frozen=True)
+class PolicyReport:
+    """Expected behaviour of a policy on the calibration data."""
+
+    criterion: str
+    thresholds: list[float | None]
+    samples: int
+    exit_counts: list[int]  # samples answered at each stage, the last stage included
+    exit_histogram: list[float]  # the same as fractions
+    compute_fraction: float  # expected executed FLOPs over full-depth FLOPs
+    agreement: float  # share of answers equal to the final stage's label
+    accuracy: float  # share of answers equal to the true label
+    mean_exit_stage: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Chosen per-exit thresholds with their expected figures, and the best global threshold's."""
+
+    criterion: str
+    target: str  # one of TARGETS
+    value: float
+    thresholds: list[float | None]
+    report: PolicyReport
+    global_threshold: float | None
+    global_report: PolicyReport
+
+    def to_dict(self) -> dict:
+        return {
+            "criterion": self.criterion,
+            "target": {self.target: self.value},
+            "thresholds": self.thresholds,
+            "expected": self.report.to_dict(),
+            "global_threshold": {
+                "threshold": self.global_threshold, "expected": self.global_report.to_dict(),
+            },
+        }
+
+
+def stage_flops(manifest_or_flops: Manifest | Sequence[float]) -> list[int]:
+    """Per-stage FLOPs from a manifest or a list, refusing a model whose stages cost nothing."""
+    flops = [s.flops for s in manifest_or_flops.stages] if isinstance(manifest_or_flops, Manifest) else list(
+        manifest_or_flops)
+    if not flops or any(f < 0 for f in flops) or sum(flops) <= 0:
+        raise ValueError(f"per-stage FLOPs must be non-negative with a positive total, got {flops}")
+    return [int(round(f)) for f in flops]
+
+
+def _stage_array(array: np.ndarray | None, stage: int) -> np.ndarray | None:
+    return None if array is None else array[stage]
+
+
+def _check(calibration: Calibration, criterion: str, num_stages: int) -> None:
+    stages = calibration.logits.shape[0]
+    if stages != num_stages:
+        raise ValueError(f"calibration data has {stages} stages, the model has {num_stages}")
+    if calibration.labels.shape[0] == 0:
+        raise ValueError("calibration data has no samples")
+    for needs, array in ((NEEDS_GATE, "gate"), (NEEDS_SIMILARITY, "similarity")):
+        if criterion in needs and getattr(calibration, array) is None:
+            raise ValueError(
+                f"criterion {criterion!r} needs the calibration array {array!r}, which this bundle lacks")
+
+
+def simulate(
+    calibration: Calibration,
+    criterion: str,
+    thresholds: Sequence[float | None],
+    flops_per_stage: Manifest | Sequence[float],
+) -> PolicyReport:
+    """Replay a policy on the calibration data stage by stage, as the engine runs it."""
+    flops = stage_flops(flops_per_stage)
+    num_stages = len(flops)
+    _check(calibration, criterion, num_stages)
+    if len(thresholds) != num_stages - 1:
+        raise ValueError(f"expected {num_stages - 1} thresholds (one per early exit), got {len(thresholds)}")
+    n = calibration.labels.shape[0]
+    stage_of = np.full(n, num_stages - 1, np.int64)
+    answer = np.zeros(n, np.int64)
+    active = np.arange(n)
+    state = ExitState.initial(n)
+    for s in range(num_stages - 1):
+        gate, sim = _stage_array(calibration.gate, s), _stage_array(calibration.similarity, s)
+        mask, labels, state = decide(
+            criterion, thresholds[s], calibration.logits[s][active], state,
+            None if gate is None else gate[active], None if sim is None else sim[active],
+        )
+        stage_of[active[mask]], answer[active[mask]] = s, labels[mask]
+        active, state = active[~mask], state.take(np.flatnonzero(~mask))
+    final = softmax(calibration.logits[-1]).argmax(axis=-1)
+    answer[active] = final[active]
+    counts = np.bincount(stage_of, minlength=num_stages)
+    cumulative = np.cumsum(flops)
+    return PolicyReport(
+        criterion=criterion,
+        thresholds=list(thresholds),
+        samples=n,
+        exit_counts=counts.tolist(),
+        exit_histogram=(counts / n).tolist(),
+        compute_fraction=float(cumulative[stage_of].sum() / (n * cumulative[-1])),
+        agreement=float((answer == final).mean()),
+        accuracy=float((answer == calibration.labels).mean()),
+        mean_exit_stage=float(stage_of.mean()),
+    )
+
+
+class _Search:
+    """The calibration data of one criterion in the form the threshold search needs."""
+
+    def __init__(self, calibration: Calibration, criterion: str, flops: list[int], quality: str):
+        num_stages = len(flops)
+        _check(calibration, criterion, num_stages)
+        self.criterion, self.k, self.n = criterion, num_stages - 1, calibration.labels.shape[0]
+        state = ExitState.initial(self.n)
+        scores = np.empty((self.k, self.n))
+        labels = np.empty((num_stages, self.n), np.int64)
+        for s in range(self.k):
+            scores[s], labels[s], state = advance(
+                criterion, calibration.logits[s], state,
+                _stage_array(calibration.gate, s), _stage_array(calibration.similarity, s),
+            )
+        labels[-1] = softmax(calibration.logits[-1]).argmax(axis=-1)
+        reference = labels[-1] if quality == "agreement" else calibration.labels
+        self.good = (labels == reference).astype(np.int64)  # [S, N]: answer at stage s is good
+        self.cost = np.cumsum(flops).astype(np.int64)  # FLOPs spent by a sample answered at stage s
+        # Scores are clipped into the valid threshold range so every candidate cut is a valid threshold.
+        lo, hi = threshold_range(criterion, num_stages)
+        lo_s, hi_s = (-hi, -lo) if criterion == "entropy" else (lo, hi)
+        self.scores = np.where(np.isfinite(scores), np.clip(scores, lo_s, hi_s), -np.inf)
+        self.order = np.argsort(-self.scores, axis=1, kind="stable")
+        self.sorted = np.take_along_axis(self.scores, self.order, axis=1)
+        self.rows = np.arange(self.n)
+
+    def threshold(self, cut: float) -> float | None:
+        """User-facing threshold of a score cut (+inf: exit disabled)."""
+        if not math.isfinite(cut):
+            return None
+        if self.criterion == "patience":
+            return int(cut)
+        return -cut if self.criterion == "entropy" else cut
+
+    def exits(self, cuts: np.ndarray) -> np.ndarray:
+        if self.k == 0:
+            return np.zeros(self.n, np.int64)
+        hit = self.scores >= cuts[:, None]
+        return np.where(hit.any(axis=0), hit.argmax(axis=0), self.k)
+
+    def totals(self, cuts: np.ndarray) -> tuple[int, int]:
+        stage = self.exits(cuts)
+        return int(self.cost[stage].sum()), int(self.good[stage, self.rows].sum())
+
+    def candidates(self, cuts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every cut for exit k with the others fixed, and the (cost, good) totals of each.
+
+        The first candidate disables the exit; the rest are the distinct finite scores, descending.
+        """
+        others = cuts.copy()
+        others[k] = np.inf
+        after = self.exits(others)  # where each sample answers when exit k is off
+        base_cost, base_good = int(self.cost[after].sum()), int(self.good[after, self.rows].sum())
+        idx = self.order[k]
+        reach = after[idx] >= k
+        alt = after[idx]
+        d_cost = np.where(reach, self.cost[k] - self.cost[alt], 0).cumsum()
+        d_good = np.where(reach, self.good[k, idx] - self.good[alt, idx], 0).cumsum()
+        vals = self.sorted[k]
+        ends = np.flatnonzero(np.isfinite(vals) & np.append(vals[1:] < vals[:-1], True))
+        return (np.concatenate([[np.inf], vals[ends]]), base_cost + np.concatenate([[0], d_cost[ends]]),
+                base_good + np.concatenate([[0], d_good[ends]]))
+
+    def global_candidates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every single threshold shared by all exits, as score cuts, with their (cost, good) totals.
+
+        As the cut falls, a sample's exit moves to an earlier stage exactly when the cut passes a new
+        running maximum of its scores; each such record is one event.
+        """
+        prev = np.vstack([np.full((1, self.n), -np.inf), np.maximum.accumulate(self.scores, axis=0)[:-1]])
+        record = self.scores > prev
+        nxt = np.full((self.k, self.n), self.k)
+        for s in range(self.k - 2, -1, -1):
+            nxt[s] = np.where(record[s + 1], s + 1, nxt[s + 1])
+        ks, ns = np.nonzero(record)
+        values = self.scores[ks, ns]
+        alt = nxt[ks, ns]
+        order = np.argsort(-values, kind="stable")
+        values, ks, ns, alt = values[order], ks[order], ns[order], alt[order]
+        d_cost = (self.cost[ks] - self.cost[alt]).cumsum()
+        d_good = (self.good[ks, ns] - self.good[alt, ns]).cumsum()
+        ends = np.flatnonzero(np.append(values[1:] < values[:-1], True)) if len(values) else np.zeros(0, int)
+        base_cost, base_good = self.n * int(self.cost[-1]), int(self.good[-1].sum())
+        return (np.concatenate([[np.inf], values[ends]]), base_cost + np.concatenate([[0], d_cost[ends]]),
+                base_good + np.concatenate([[0], d_good[ends]]))
+
+
+class _Goal:
+    """Ranks (cost, good) totals: feasible first, then the objective, then the tie-break."""
+
+    def __init__(self, target: str, value: float, search: _Search):
+        self.target = target
+        if target == "compute_budget":
+            self.limit = math.floor(value * search.n * int(search.cost[-1]) * (1 + 1e-12))
+        else:
+            self.need = math.ceil(value * search.n - 1e-9)
+
+    def keys(self, cost: np.ndarray, good: np.ndarray) -> tuple[np.ndarray, ...]:
+        if self.target == "compute_budget":
+            return np.maximum(cost - self.limit, 0), -good, cost
+        return np.maximum(self.need - good, 0), cost, -good
+
+    def best(self, cost: np.ndarray, good: np.ndarray) -> int:
+        primary, secondary, tertiary = self.keys(cost, good)
+        return int(np.lexsort((tertiary, secondary, primary))[0])
+
+    def key(self, cost: int, good: int) -> tuple[int, ...]:
+        return tuple(int(x[0]) for x in self.keys(np.array([cost]), np.array([good])))
+
+
+def _descend(search: _Search, cuts: np.ndarray, pick, max_passes: int = 50) -> np.ndarray:
+    """Coordinate descent: set each exit's cut to `pick`'s choice among its candidates until stable.
+
+    `pick(values, cost, good, current_totals)` returns a candidate index, or None to keep the cut.
+    """
+    cuts = cuts.copy()
+    for _ in range(max_passes):
+        changed = False
+        for k in range(search.k):
+            values, cost, good = search.candidates(cuts, k)
+            choice = pick(values, cost, good, search.totals(cuts))
+            if choice is not None and values[choice] != cuts[k]:
+                cuts[k], changed = values[choice], True
+        if not changed:
+            break
+    return cuts
+
+
+def _lagrangian(search: _Search, cuts: np.ndarray, price: float) -> np.ndarray:
+    """Per-exit cuts minimising compute - price * quality (both as fractions), from `cuts`."""
+    scale = price * int(search.cost[-1])
+    return _descend(search, cuts, lambda v, c, q, cur: int(np.argmin(c - scale * q)), max_passes=10)
+
+
+def _constrained(search: _Search, goal: _Goal, cuts: np.ndarray) -> np.ndarray:
+    """Per-exit cuts improved one exit at a time while the goal's ranking improves."""
+
+    def pick(values: np.ndarray, cost: np.ndarray, good: np.ndarray, current: tuple[int, int]) -> int | None:
+        choice = goal.best(cost, good)
+        return choice if goal.key(int(cost[choice]), int(good[choice])) < goal.key(*current) else None
+
+    return _descend(search, cuts, pick)
+
+
+def calibrate(
+    calibration: Calibration,
+    manifest_or_flops: Manifest | Sequence[float],
+    *,
+    target_agreement: float | None = None,
+    target_accuracy: float | None = None,
+    compute_budget: float | None = None,
+    criterion: str = "max_prob",
+) -> CalibrationResult:
+    """Per-exit thresholds meeting exactly one target at the least expected compute.
+
+    `target_agreement` / `target_accuracy`: least compute with agreement with the final stage's
+    label / accuracy at least the target. `compute_budget`: best agreement within that fraction of
+    full-depth FLOPs. Raises ValueError when the target cannot be met on the calibration data.
+    """
+    asked = (target_agreement, target_accuracy, compute_budget)
+    given = {k: v for k, v in zip(TARGETS, asked, strict=True) if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(TARGETS)}")
+    (target, value), = given.items()
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"{target} must be in (0, 1], got {value}")
+    flops = stage_flops(manifest_or_flops)
+    quality = "accuracy" if target == "target_accuracy" else "agreement"
+    search = _Search(calibration, criterion, flops, quality)
+    goal = _Goal(target, value, search)
+
+    values, cost, good = search.global_candidates()
+    g = goal.best(cost, good)
+    global_cut, best_cuts = float(values[g]), np.full(search.k, values[g])
+    best_key = goal.key(int(cost[g]), int(good[g]))
+    starts, cuts = [best_cuts], np.full(search.k, np.inf)
+    for price in _PRICES if search.k else ():
+        cuts = _lagrangian(search, cuts, price)
+        starts.append(cuts)
+    for start in starts:
+        polished = _constrained(search, goal, start)
+        key = goal.key(*search.totals(polished))
+        if key < best_key:
+            best_key, best_cuts = key, polished
+    if best_key[0] != 0:
+        best = simulate(calibration, criterion, [search.threshold(float(c)) for c in best_cuts], flops)
+        raise ValueError(_unreachable(target, value, criterion, best))
+
+    # A cut above every score an exit produced never fires: say so with null.
+    top = np.where(np.isfinite(search.sorted[:, 0]), search.sorted[:, 0], -np.inf) if search.k else []
+    thresholds = [None if c > t else search.threshold(float(c)) for c, t in zip(best_cuts, top, strict=True)]
+    global_thresholds = [search.threshold(global_cut)] * search.k
+    return CalibrationResult(
+        criterion=criterion, target=target, value=value, thresholds=thresholds,
+        report=simulate(calibration, criterion, thresholds, flops),
+        global_threshold=search.threshold(global_cut),
+        global_report=simulate(calibration, criterion, global_thresholds, flops),
+    )
+
+
+def _unreachable(target: str, value: float, criterion: str, best: PolicyReport) -> str:
+    if target == "compute_budget":
+        return (f"compute_budget {value} cannot be met with {criterion}: the cheapest policy found needs "
+                f"{best.compute_fraction:.3f} of full-depth compute")
+    what = "agreement" if target == "target_agreement" else "accuracy"
+    return (f"{target} {value} cannot be met with {criterion} on the calibration data: "
+            f"the best reachable {what} is {getattr(best, what):.4f}")
+
+
+def frontier(
+    calibration: Calibration, flops: Manifest | Sequence[float], criterion: str
+) -> list[tuple[float, float, float]]:
+    """(compute fraction, agreement, accuracy) of per-exit policies along the agreement/compute trade-off.
+
+    Each point is the Lagrangian optimum for one price of agreement in compute, sorted by compute.
+    """
+    per_stage = stage_flops(flops)
+    search = _Search(calibration, criterion, per_stage, "agreement")
+    cuts = np.full(search.k, np.inf)
+    seen: dict[tuple[float, ...], PolicyReport] = {}
+    for price in (*_PLOT_PRICES, math.inf):
+        cuts = np.full(search.k, np.inf) if math.isinf(price) else _lagrangian(search, cuts, price)
+        key = tuple(float(c) for c in cuts)
+        if key not in seen:
+            thresholds = [search.threshold(c) for c in key]
+            seen[key] = simulate(calibration, criterion, thresholds, per_stage)
+    points = {(r.compute_fraction, r.agreement, r.accuracy) for r in seen.values()}
+    return sorted(points)
+
+
+# -- offramp calibrate ------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `offramp calibrate` to the CLI."""
+    parser = subparsers.add_parser(
+        "calibrate", help="choose per-exit thresholds for a target from a bundle's calibration data",
+        description="Choose per-exit thresholds that meet a target on the bundle's calibration data at the "
+        "least expected compute; print them with the expected exit histogram, compute, agreement and "
+        "accuracy.",
+    )
+    parser.add_argument("bundle", type=Path, metavar="DIR", help="bundle directory")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-agreement", type=float, metavar="FRAC",
+                        help="least share of answers agreeing with the full model, e.g. 0.99")
+    target.add_argument("--target-accuracy", type=float, metavar="FRAC", help="least accuracy on the labels")
+    target.add_argument("--compute-budget", type=float, metavar="FRAC",
+                        help="most expected compute, as a fraction of full-depth FLOPs "
+                        "(best agreement within it)")
+    parser.add_argument("--criterion", default="all",
+                        help="exit criterion to calibrate, or 'all' for every one the bundle supports [all]")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png",
+                        help="write agreement and accuracy against compute fraction for each criterion")
+    parser.add_argument("--write-default", action="store_true",
+                        help="store the best result as the bundle's default policy in manifest.json")
+    parser.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from server.bundle import BundleError, load_bundle, write_manifest
+
+    try:
+        bundle = load_bundle(args.bundle)
+        calib = bundle.calibration()
+    except BundleError as err:
+        print(f"offramp calibrate: {err}", file=sys.stderr)
+        return 2
+    manifest = bundle.manifest
+    usable = available_criteria(manifest, calib)
+    criteria = usable if args.criterion == "all" else [args.criterion]
+    if args.criterion != "all" and args.criterion not in usable:
+        print(f"offramp calibrate: criterion {args.criterion!r} is not available for this bundle; "
+              f"choose from {usable} or 'all'", file=sys.stderr)
+        return 2
+    (target, value), = ((k, getattr(args, k)) for k in TARGETS if getattr(args, k) is not None)
+    results: dict[str, CalibrationResult] = {}
+    for criterion in criteria:
+        try:
+            results[criterion] = calibrate(calib, manifest, criterion=criterion, **{target: value})
+        except ValueError as err:
+            print(f"{criterion}: {err}", file=sys.stderr)
+            if "must be in" in str(err):
+                return 2
+    print(results_table(manifest, len(calib.labels), target, value, results))
+
+    status = 0 if results else 1
+    if args.plot is not None:
+        from server.plots import PlotUnavailable, plot_frontiers
+
+        curves = {c: frontier(calib, manifest, c) for c in criteria}
+        chosen = {c: (r.report.compute_fraction, r.report.agreement, r.report.accuracy)
+                  for c, r in results.items()}
+        try:
+            path = plot_frontiers(curves, args.plot, chosen=chosen, target=(target, value),
+                                  title=f"{manifest.name}: quality against compute (calibration data)")
+            print(f"plot written to {path}")
+        except PlotUnavailable as err:
+            print(f"offramp calibrate: {err}", file=sys.stderr)
+            status = 2
+    if args.write_default and results:
+        best = best_result(results)
+        spec = PolicySpec(criterion=best.criterion, thresholds=best.thresholds)  # type: ignore[arg-type]
+        path = write_manifest(bundle.root, manifest.model_copy(update={"default_policy": spec}))
+        print(f"default policy written to {path}: {best.criterion} {_show(best.thresholds)}")
+    return status
+
+
+def best_result(results: dict[str, CalibrationResult]) -> CalibrationResult:
+    """The criterion that meets the target most cheaply (for a budget: with the best agreement)."""
+    def rank(r: CalibrationResult) -> tuple[float, float]:
+        if r.target == "compute_budget":
+            return -r.report.agreement, r.report.compute_fraction
+        quality = r.report.agreement if r.target == "target_agreement" else r.report.accuracy
+        return r.report.compute_fraction, -quality
+
+    return min(results.values(), key=rank)
+
+
+def results_table(manifest: Manifest, samples: int, target: str, value: float,
+                  results: dict[str, CalibrationResult]) -> str:
+    goal = {"target_agreement": "agreement >=", "target_accuracy": "accuracy >=",
+            "compute_budget": "compute <="}
+    lines = [
+        f"{manifest.name}: {manifest.num_stages} stages, {samples} calibration samples, "
+        f"target {goal[target]} {value:g}",
+        f"{'criterion':<11}{'compute':>8}{'agreement':>10}{'accuracy':>9}{'global':>8}  "
+        f"{'exits per stage':<{6 * manifest.num_stages}} thresholds",
+    ]
+    for criterion, r in results.items():
+        exits = " ".join(f"{h:>5.0%}" for h in r.report.exit_histogram)
+        lines.append(
+            f"{criterion:<11}{r.report.compute_fraction:>8.3f}{r.report.agreement:>10.4f}"
+            f"{r.report.accuracy:>9.4f}{r.global_report.compute_fraction:>8.3f}  "
+            f"{exits:<{6 * manifest.num_stages}} {_show(r.thresholds)}"
+        )
+    if results:
+        best = best_result(results)
+        lines.append(f"best: {best.criterion} (compute {best.report.compute_fraction:.3f} of full depth; "
+                     "'global' is the compute of the best single threshold for all exits)")
+    else:
+        lines.append("no criterion meets the target on the calibration data")
+    return "\n".join(lines)
+
+
+def _show(thresholds: Sequence[float | None]) -> str:
+    return "[" + ", ".join("null" if t is None else f"{t:.6g}" for t in thresholds) + "]"

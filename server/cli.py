@@ -1,0 +1,197 @@
+"""`offramp`: the command line. `offramp serve` runs the V2 server; `demo`, `export` and `inspect`
+come from `model_export.cli` when it is installed.
+
+Every `Settings` field has a `serve` flag, generated from the class so the two never drift apart:
+the environment (`OFFRAMP_*`) is read first and explicit flags override it. SIGTERM drains:
+uvicorn stops accepting, answers the requests in flight, then the lifespan stops the engine, and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import functools
+import inspect
+import logging
+import math
+import signal
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from pydantic import SecretStr, ValidationError
+
+from server import __version__
+from server.settings import Settings
+
+log = logging.getLogger("offramp.cli")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# uvicorn may cancel requests still running this long after the longest allowed request.
+SHUTDOWN_GRACE_S = 5
+_METAVARS: dict[Any, str] = {int: "N", float: "NUM", Path: "DIR"}
+
+
+@functools.cache
+def settings_docs() -> dict[str, str]:
+    """Each Settings field's docstring (the string literal under its annotation), one line each."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(Settings))
+    except (OSError, TypeError):  # no source (frozen install): flags still work, without help text
+        return docs
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
+    """argparse `type` and `choices` for a field annotation (`X | None` counts as X)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = [str(c) for c in typing.get_args(annotation)]
+        return str, choices
+    if annotation is SecretStr:
+        return str, None
+    if annotation in (int, float, str, Path):
+        return annotation, None
+    raise TypeError(f"no flag type for settings annotation {annotation!r}")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (`--max-batch-size` for `max_batch_size`); `--bundle` repeats."""
+    docs = settings_docs()
+    for name, field in Settings.model_fields.items():
+        env = f"OFFRAMP_{name.upper()}"
+        doc = docs.get(name, "").replace("%", "%%")
+        if name == "bundles":
+            parser.add_argument(
+                "--bundle", dest="bundles", action="append", type=Path, metavar="DIR",
+                default=argparse.SUPPRESS, help=f"{doc} Repeat to serve several models. [env {env}]",
+            )
+            continue
+        kind, choices = _flag_type(field.annotation)
+        default = "unset" if field.default is None else field.default
+        if name == "admin_token":
+            doc += " Prefer the environment variable: flags show up in the process list."
+            default = "unset"
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, type=kind, choices=choices, default=argparse.SUPPRESS,
+            metavar=None if choices else _METAVARS.get(kind, name.split("_")[-1].upper()),
+            help=f"{doc} [env {env}; default {default}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, overridden by the flags given explicitly."""
+    overrides = {name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)}
+    return Settings(**overrides)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """Settings as logged: JSON-safe, the admin token reduced to whether it is set."""
+    data = settings.model_dump(mode="json", exclude={"admin_token"})
+    data["admin_token"] = "set" if settings.admin_token is not None else "unset"
+    return data
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+@contextmanager
+def _signals_end_quietly() -> Iterator[None]:
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, with the handler that was in
+    place before it started; with Python's defaults that would kill the drained process with the
+    signal instead of letting it exit 0. Put no-op handlers there for the time it runs."""
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _DrainingServer(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.config.app.state.draining = True  # readiness turns 503 as soon as the signal arrives
+        super().handle_exit(sig, frame)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from server.app import create_app
+    from server.errors import BundleError
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        print(f"offramp serve: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    log.info("offramp %s settings: %s", __version__, redacted(settings))
+    try:
+        app = create_app(settings)
+    except BundleError as err:
+        print(f"offramp serve: {err}", file=sys.stderr)
+        return 2
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
+        access_log=settings.log_level == "debug", lifespan="on",
+        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + SHUTDOWN_GRACE_S,
+    )
+    server = _DrainingServer(config)
+    with _signals_end_quietly():
+        server.run()
+    if not server.started:
+        log.error("the server did not start (see the errors above)")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offramp", description="Serve early-exit neural networks.")
+    parser.add_argument("--version", action="version", version=f"offramp {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = subparsers.add_parser(
+        "serve", help="run the Open Inference Protocol (V2) server",
+        description="Run the V2 server. Flags override OFFRAMP_* environment variables. With no bundle, "
+        "serve the demo bundle, building it on first use (needs the export extra).",
+    )
+    add_settings_flags(serve_parser)
+    serve_parser.set_defaults(func=serve)
+    try:
+        from model_export.cli import register
+    except ImportError as err:  # a server-only install has no model_export
+        if err.name is None or not err.name.startswith("model_export"):
+            raise
+    else:
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `offramp` console script. Subcommands set `func(args) -> int | None`."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

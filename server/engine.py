@@ -1,0 +1,158 @@
+"""The early-exit serving engine: bundles in, per-sample answers out. Knows nothing of HTTP.
+
+`Engine` owns one `ModelScheduler` (queues + worker thread) and one stage runner per bundle and
+the live `ExitPolicy` of each model. The constructor only checks its arguments; sessions are
+created by `start()` (the FastAPI lifespan), so building an app never loads a model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from server.bundle import NUMPY_DTYPES, Bundle
+from server.errors import BadRequest, NotFound, NotReady
+from server.metrics import Metrics
+from server.policy import ExitPolicy
+from server.runtime import OrtStageRunner, StageRunner
+from server.scheduler import InferResult, ModelScheduler
+from server.settings import Settings
+
+__all__ = ["Engine", "InferResult", "RunnerFactory"]
+
+log = logging.getLogger("offramp.engine")
+
+RunnerFactory = Callable[[Bundle, Settings], StageRunner]
+
+
+class Engine:
+    """Serve several bundles, each as a model named by its manifest."""
+
+    def __init__(self, bundles: list[Bundle], settings: Settings, metrics: Metrics,
+                 initial_policies: dict[str, ExitPolicy] | None = None, *,
+                 runner_factory: RunnerFactory | None = None):
+        if not bundles:
+            raise ValueError("the engine needs at least one bundle")
+        names = [b.name for b in bundles]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"several bundles are named {duplicates}: model names must be unique")
+        self._bundles = {b.name: b for b in bundles}
+        initial_policies = dict(initial_policies or {})
+        unknown = sorted(set(initial_policies) - set(self._bundles))
+        if unknown:
+            raise ValueError(f"initial policies for unknown models {unknown}; models are {names}")
+        self._policies: dict[str, ExitPolicy] = {}
+        problems: list[str] = []
+        for name, bundle in self._bundles.items():
+            policy = initial_policies.get(name)
+            if policy is None:
+                try:
+                    policy = ExitPolicy.for_manifest(bundle.manifest.default_policy, version=1,
+                                                     manifest=bundle.manifest)
+                except ValueError as err:
+                    problems.append(f"{name}: default policy: {err}")
+                    continue
+            else:
+                problems.extend(f"{name}: {p}" for p in policy.problems_for(bundle.manifest))
+            self._policies[name] = policy
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.settings = settings
+        self.metrics = metrics
+        self._runner_factory: RunnerFactory = runner_factory or (lambda b, s: OrtStageRunner(b, s))
+        self._schedulers: dict[str, ModelScheduler] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        """Create the stage sessions (off the event loop: it takes a while) and start the workers."""
+        if self._started:
+            return
+        try:
+            for name, bundle in self._bundles.items():
+                runner = await asyncio.to_thread(self._runner_factory, bundle, self.settings)
+                m = bundle.manifest
+                scheduler = ModelScheduler(
+                    name, runner, flops=[s.flops for s in m.stages], num_classes=m.num_classes,
+                    settings=self.settings, metrics=self.metrics, policy=self._policies[name],
+                )
+                scheduler.start()
+                self._schedulers[name] = scheduler
+                log.info("%s: serving %d stages, policy %s", name, m.num_stages, self._policies[name].describe())
+        except BaseException:
+            await self.stop(drain=False)
+            raise
+        self._started = True
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting; with `drain`, finish the requests in flight first. Idempotent."""
+        self._started = False
+        schedulers, self._schedulers = self._schedulers, {}
+        await asyncio.gather(*(s.stop(drain=drain) for s in schedulers.values()))
+
+    @property
+    def ready(self) -> bool:
+        return self._started and all(s.ready for s in self._schedulers.values())
+
+    def model_ready(self, model: str) -> bool:
+        self.bundle(model)
+        scheduler = self._schedulers.get(model)
+        return self._started and scheduler is not None and scheduler.ready
+
+    def model_names(self) -> list[str]:
+        return list(self._bundles)
+
+    def bundle(self, model: str) -> Bundle:
+        try:
+            return self._bundles[model]
+        except KeyError:
+            raise NotFound(f"unknown model {model!r}; models are {self.model_names()}") from None
+
+    def policy(self, model: str) -> ExitPolicy:
+        self.bundle(model)
+        return self._policies[model]
+
+    def set_policy(self, model: str, policy: ExitPolicy) -> None:
+        """Swap the model's policy atomically; batches that start from now on use it.
+
+        Raises `ValueError` when the policy does not fit the model (threshold count, a criterion
+        reading an output the stages do not have).
+        """
+        bundle = self.bundle(model)
+        problems = policy.problems_for(bundle.manifest)
+        if problems:
+            raise ValueError(f"{model}: " + "; ".join(problems))
+        self._policies[model] = policy
+        scheduler = self._schedulers.get(model)
+        if scheduler is not None:
+            scheduler.set_policy(policy)
+        else:
+            self.metrics.policy(model, policy.version, list(policy.thresholds))
+        log.info("%s: exit policy now %s", model, policy.describe())
+
+    def device(self, model: str) -> str:
+        """Where the model's stages run: "cuda" or "cpu"; "stopped" before start and after stop."""
+        scheduler = self._schedulers.get(model)
+        runner = None if scheduler is None else scheduler.runner
+        return getattr(runner, "device", "cpu") if runner is not None else "stopped"
+
+    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True) -> InferResult:
+        """Answer every sample of `x` (its first axis), each at the stage where it may exit.
+
+        Raises BadRequest (shape), NotFound (model), NotReady (not started / stopping),
+        Overloaded (queue full), RequestTimeout (request_timeout_s), OfframpError 500 (runtime).
+        """
+        bundle = self.bundle(model)
+        spec = bundle.manifest.input
+        want = tuple(spec.shape[1:])
+        if x.ndim != len(spec.shape) or any(w != -1 and w != h for w, h in zip(want, x.shape[1:], strict=True)):
+            raise BadRequest(f"input {spec.name!r} of model {model!r} must have shape {spec.shape}, "
+                             f"got {list(x.shape)}")
+        scheduler = self._schedulers.get(model)
+        if scheduler is None:
+            raise NotReady(f"model {model!r} is not loaded yet")
+        dtype = NUMPY_DTYPES[spec.dtype]
+        return await scheduler.submit(np.ascontiguousarray(x, dtype=dtype), early_exit=early_exit)

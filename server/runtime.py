@@ -1,0 +1,286 @@
+"""Stage runtime: one onnxruntime session per stage, and where the hidden state lives between stages.
+
+The scheduler sees one small interface, `StageRunner`: `run(stage, x)` gives a stage's outputs
+(the hidden state as an opaque *handle*, logits and gate/similarity as numpy), `take(hidden, rows)`
+selects the survivors and `concat(parts)` merges survivors of several batches. What a handle is
+depends on the device strategy:
+
+- CPU (`NumpyOps`): plain numpy arrays; sessions run with `session.run`.
+- CUDA (`OrtValueOps`): `OrtValue`s that stay on the GPU. Stages run with IO binding: the input
+  is bound as an OrtValue (or a host array that onnxruntime copies up, for stage 0), `hidden` is
+  bound on the device, only logits (and gate/similarity) come back to the host. Survivors are
+  selected with a tiny Gather graph and merged with a tiny Concat graph (one cached per input
+  count), each in its own session on the same device, also with IO binding. The same code runs
+  with `device_type="cpu"`, which is how the tests exercise it without a GPU.
+
+Stage 0's input always arrives as a host array (the request's tensor); `take`/`concat` treat host
+arrays with numpy whatever the strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY, Bundle
+from server.settings import Settings
+
+log = logging.getLogger("offramp.runtime")
+
+CUDA_PROVIDER = "CUDAExecutionProvider"
+CPU_PROVIDER = "CPUExecutionProvider"
+# Opset and IR version of the helper graphs: old enough for every onnxruntime >= 1.17.
+HELPER_OPSET = 13
+HELPER_IR_VERSION = 8
+
+
+class DeviceError(RuntimeError):
+    """The configured device cannot be used (e.g. `device=cuda` without a CUDA-enabled onnxruntime)."""
+
+
+@dataclass(frozen=True)
+class StageOutputs:
+    """What one stage run gives back; `hidden` is None for the last stage (nobody reads it)."""
+
+    hidden: Any
+    logits: np.ndarray  # float32 [N, C]
+    gate: np.ndarray | None = None  # float32 [N]
+    similarity: np.ndarray | None = None  # float32 [N]
+
+
+class StageRunner(Protocol):
+    """The interface the scheduler runs stages through (a fake implements it in the tests)."""
+
+    num_stages: int
+
+    def run(self, stage: int, x: Any) -> StageOutputs: ...
+
+    def take(self, hidden: Any, rows: np.ndarray) -> Any: ...
+
+    def concat(self, parts: list[Any]) -> Any: ...
+
+    def rows(self, hidden: Any) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_device(requested: str, available: list[str] | None = None) -> str:
+    """`auto` -> `cuda` when onnxruntime offers the CUDA provider, else `cpu`; `cuda` must be offered."""
+    available = ort.get_available_providers() if available is None else available
+    if requested == "cpu":
+        return "cpu"
+    if CUDA_PROVIDER in available:
+        return "cuda"
+    if requested == "cuda":
+        raise DeviceError(
+            f"device=cuda was requested but onnxruntime {ort.__version__} offers only {available}: "
+            "install the `gpu` extra (onnxruntime-gpu, and not onnxruntime beside it) on a machine "
+            "with a visible NVIDIA GPU, or set OFFRAMP_DEVICE=auto/cpu"
+        )
+    return "cpu"
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """Session options shared by every stage: no spinning, thread counts from settings."""
+    so = ort.SessionOptions()
+    # Chained sessions that spin fight each other (and the other models' workers) for the cores.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.intra_op_num_threads = settings.intra_op_threads
+    so.inter_op_num_threads = settings.inter_op_threads
+    so.log_severity_level = 3
+    return so
+
+
+def providers_for(device: str, device_id: int = 0) -> list[Any]:
+    if device == "cuda":
+        return [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
+    return [CPU_PROVIDER]
+
+
+def gather_model(elem_type: int) -> onnx.ModelProto:
+    """`out = data[indices]` along axis 0, for any rank of `data`."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["data", "indices"], ["out"], axis=0)],
+        "offramp_gather_rows",
+        [helper.make_tensor_value_info("data", elem_type, None),
+         helper.make_tensor_value_info("indices", TensorProto.INT64, ["m"])],
+        [helper.make_tensor_value_info("out", elem_type, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
+                             ir_version=HELPER_IR_VERSION, producer_name="offramp")
+
+
+def concat_model(count: int, elem_type: int) -> onnx.ModelProto:
+    """`out = concat(in_0 ... in_{count-1})` along axis 0."""
+    names = [f"in_{i}" for i in range(count)]
+    graph = helper.make_graph(
+        [helper.make_node("Concat", names, ["out"], axis=0)],
+        f"offramp_concat_{count}",
+        [helper.make_tensor_value_info(n, elem_type, None) for n in names],
+        [helper.make_tensor_value_info("out", elem_type, None)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
+                             ir_version=HELPER_IR_VERSION, producer_name="offramp")
+
+
+class NumpyOps:
+    """Hidden states as host numpy arrays."""
+
+    def take(self, hidden: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return hidden[rows]
+
+    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+
+    def rows(self, hidden: np.ndarray) -> int:
+        return int(hidden.shape[0])
+
+
+class OrtValueOps:
+    """Hidden states as OrtValues on a device; rows gathered and merged there by tiny graphs."""
+
+    def __init__(self, device_type: str, device_id: int, options: ort.SessionOptions):
+        self.device_type = device_type
+        self.device_id = device_id
+        self._options = options
+        self._providers = providers_for("cuda" if device_type == "cuda" else "cpu", device_id)
+        self._gather: dict[int, ort.InferenceSession] = {}
+        self._concat: dict[tuple[int, int], ort.InferenceSession] = {}
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(model.SerializeToString(), self._options, providers=self._providers)
+
+    def to_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+    def take(self, hidden: Any, rows: np.ndarray) -> Any:
+        if isinstance(hidden, np.ndarray):
+            return hidden[rows]
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        elem = hidden.element_type()
+        sess = self._gather.get(elem)
+        if sess is None:
+            sess = self._gather[elem] = self._session(gather_model(elem))
+        binding = sess.io_binding()
+        binding.bind_ortvalue_input("data", hidden)
+        binding.bind_cpu_input("indices", rows)  # a few bytes; onnxruntime copies them up
+        binding.bind_output("out", self.device_type, self.device_id)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def concat(self, parts: list[Any]) -> Any:
+        if len(parts) == 1:
+            return parts[0]
+        if all(isinstance(p, np.ndarray) for p in parts):
+            return np.concatenate(parts, axis=0)
+        values = [self.to_device(p) if isinstance(p, np.ndarray) else p for p in parts]
+        key = (len(values), values[0].element_type())
+        sess = self._concat.get(key)
+        if sess is None:
+            sess = self._concat[key] = self._session(concat_model(*key))
+        binding = sess.io_binding()
+        for i, v in enumerate(values):
+            binding.bind_ortvalue_input(f"in_{i}", v)
+        binding.bind_output("out", self.device_type, self.device_id)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0]
+
+    def rows(self, hidden: Any) -> int:
+        return int(hidden.shape[0] if isinstance(hidden, np.ndarray) else hidden.shape()[0])
+
+
+class OrtStageRunner:
+    """One onnxruntime session per stage of a bundle, on the device the settings choose.
+
+    `bind_device` forces the IO-binding path on a device type ("cpu" in tests, to exercise the
+    code the GPU runs); left None, IO binding is used exactly when the sessions run on CUDA.
+    """
+
+    def __init__(self, bundle: Bundle, settings: Settings, *, bind_device: str | None = None,
+                 device_id: int = 0):
+        self.bundle = bundle
+        manifest = bundle.manifest
+        self.num_stages = manifest.num_stages
+        self.device = resolve_device(settings.device)
+        options = session_options(settings)
+        providers = providers_for(self.device, device_id)
+        self.sessions = [
+            ort.InferenceSession(str(bundle.stage_path(i)), options, providers=providers)
+            for i in range(self.num_stages)
+        ]
+        if self.device == "cuda" and CUDA_PROVIDER not in self.sessions[0].get_providers():
+            # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
+            if settings.device == "cuda":
+                raise DeviceError(
+                    f"{bundle.name}: onnxruntime could not start the CUDA provider (missing CUDA/cuDNN "
+                    f"libraries?); sessions run on {self.sessions[0].get_providers()}"
+                )
+            log.warning("%s: CUDA provider failed to start, serving on CPU", bundle.name)
+            self.device = "cpu"
+        self.providers = self.sessions[0].get_providers()
+        self._inputs = [s.inputs[0].name for s in manifest.stages]
+        self._extra = [[n for n in (GATE, SIMILARITY) if s.has_output(n)] for s in manifest.stages]
+        bind = bind_device if bind_device is not None else ("cuda" if self.device == "cuda" else None)
+        self.ops: NumpyOps | OrtValueOps = (
+            OrtValueOps(bind, device_id, session_options(settings)) if bind else NumpyOps()
+        )
+        log.info("%s: %d stage sessions on %s (io binding: %s)", bundle.name, self.num_stages,
+                 self.providers, bind or "off")
+
+    def run(self, stage: int, x: Any) -> StageOutputs:
+        if isinstance(self.ops, OrtValueOps):
+            return self._run_bound(stage, x)
+        names = ([HIDDEN] if stage < self.num_stages - 1 else []) + [LOGITS] + self._extra[stage]
+        values = dict(zip(names, self.sessions[stage].run(names, {self._inputs[stage]: x}), strict=True))
+        return self._outputs(values)
+
+    def _run_bound(self, stage: int, x: Any) -> StageOutputs:
+        ops = self.ops
+        assert isinstance(ops, OrtValueOps)
+        sess = self.sessions[stage]
+        binding = sess.io_binding()
+        if isinstance(x, np.ndarray):
+            binding.bind_cpu_input(self._inputs[stage], np.ascontiguousarray(x))
+        else:
+            binding.bind_ortvalue_input(self._inputs[stage], x)
+        names: list[str] = []
+        if stage < self.num_stages - 1:
+            binding.bind_output(HIDDEN, ops.device_type, ops.device_id)  # stays on the device
+            names.append(HIDDEN)
+        for name in [LOGITS, *self._extra[stage]]:
+            binding.bind_output(name, "cpu")  # small: comes back to the host
+            names.append(name)
+        sess.run_with_iobinding(binding)
+        values: dict[str, Any] = dict(zip(names, binding.get_outputs(), strict=True))
+        for name in names[1:] if names[0] == HIDDEN else names:
+            values[name] = np.array(values[name].numpy(), copy=True)
+        return self._outputs(values)
+
+    @staticmethod
+    def _outputs(values: dict[str, Any]) -> StageOutputs:
+        gate, sim = values.get(GATE), values.get(SIMILARITY)
+        return StageOutputs(
+            hidden=values.get(HIDDEN),
+            logits=np.asarray(values[LOGITS], dtype=np.float32),
+            gate=None if gate is None else np.asarray(gate, dtype=np.float32).reshape(-1),
+            similarity=None if sim is None else np.asarray(sim, dtype=np.float32).reshape(-1),
+        )
+
+    def take(self, hidden: Any, rows: np.ndarray) -> Any:
+        return self.ops.take(hidden, rows)
+
+    def concat(self, parts: list[Any]) -> Any:
+        return self.ops.concat(parts)
+
+    def rows(self, hidden: Any) -> int:
+        return self.ops.rows(hidden)
+
+    def close(self) -> None:
+        self.sessions = []

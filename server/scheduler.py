@@ -1,0 +1,437 @@
+"""Per-model scheduler: dynamic batching, per-sample exits, re-batching of survivors, deeper first.
+
+One worker thread per model runs the stages (onnxruntime releases the GIL); the asyncio side
+only enqueues and awaits a future that the worker resolves with `loop.call_soon_threadsafe`.
+
+Samples live in one queue per stage as *chunks* (rows with their hidden state, owners and exit
+state). A batch takes chunks from one queue up to `max_batch_size` rows, splitting the last one
+if needed. After the stage, the policy snapshot the batch started with decides per row: rows that
+exit are written into their request's result (the request resolves when its last row is
+answered), the rest are gathered into one chunk for the next stage's queue, where they merge with
+the survivors of other batches.
+
+Which queue runs: a queue is *ready* when it holds a full batch, when its oldest row has waited
+`max_queue_delay_ms`, when the server is draining, or (stages > 0) when no shallower queue holds
+rows that could still join it. The deepest ready queue runs first, so requests in flight finish
+before new ones start; waiting a little at deeper stages is what lets survivors of consecutive
+batches merge. With `max_queue_delay_ms = 0` this is plain deepest-non-empty-first.
+
+Shadow checks: a `shadow_rate` share of early-exited rows keeps going to the last stage in
+separate queues that only run when no request work is waiting; their early label is compared
+with the full-depth label and fed to the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
+from server.exits import NEEDS_SIMILARITY, ExitState, decide, softmax
+from server.metrics import Metrics
+from server.policy import ExitPolicy
+from server.runtime import StageOutputs, StageRunner
+from server.settings import Settings
+
+log = logging.getLogger("offramp.scheduler")
+
+
+@dataclass(frozen=True)
+class InferResult:
+    labels: np.ndarray  # int64 [N]
+    probabilities: np.ndarray  # float32 [N, C]
+    exit_stage: np.ndarray  # int32 [N], 0-based stage index
+
+
+@dataclass(eq=False)
+class _Request:
+    n: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[InferResult]
+    labels: np.ndarray
+    probs: np.ndarray
+    exit_stage: np.ndarray
+    remaining: int
+    done: bool = False  # answered, failed or timed out: its rows are dropped wherever they are
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """Rows waiting together for one stage. Shadow rows have no owner (`owners[i] is None`).
+
+    `hidden[rows]` (all of `hidden` when `rows` is None) is the chunk's input. Selecting rows is
+    deferred so that filtering and splitting under the lock only touch index arrays; the worker
+    gathers on the device when it runs the batch.
+    """
+
+    hidden: Any
+    owners: np.ndarray  # object [n]
+    sample: np.ndarray  # int64 [n], row index inside the owner request
+    full: np.ndarray  # bool [n], early_exit disabled for this row
+    early_label: np.ndarray  # int64 [n], shadow rows: the label answered early; else -1
+    state: ExitState
+    rows: np.ndarray | None = None
+    since: float = field(default_factory=time.monotonic)
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def select(self, sel: np.ndarray) -> _Chunk:
+        rows = sel if self.rows is None else self.rows[sel]
+        return _Chunk(self.hidden, self.owners[sel], self.sample[sel], self.full[sel], self.early_label[sel],
+                      self.state.take(sel), rows, self.since)
+
+    def alive(self) -> np.ndarray:
+        return np.fromiter((o is None or not o.done for o in self.owners), dtype=bool, count=len(self))
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Rows of one stage run: merged metadata, and the chunks whose hidden states make its input."""
+
+    meta: _Chunk  # hidden is None until materialised
+    parts: list[_Chunk]
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def _merge(parts: list[_Chunk]) -> _Batch:
+    meta = _Chunk(
+        None,
+        np.concatenate([p.owners for p in parts]),
+        np.concatenate([p.sample for p in parts]),
+        np.concatenate([p.full for p in parts]),
+        np.concatenate([p.early_label for p in parts]),
+        ExitState.concat([p.state for p in parts]) if len(parts) > 1 else parts[0].state,
+    )
+    return _Batch(meta, parts)
+
+
+def _post(loop: asyncio.AbstractEventLoop, *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(_resolve, *args)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _resolve(future: asyncio.Future[InferResult], result: InferResult | None,
+             error: Exception | None) -> None:
+    if future.done():  # timed out or cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+class ModelScheduler:
+    """Queues, worker thread and exit decisions of one model."""
+
+    def __init__(self, name: str, runner: StageRunner, *, flops: list[int], num_classes: int,
+                 settings: Settings, metrics: Metrics, policy: ExitPolicy, seed: int | None = None):
+        if len(flops) != runner.num_stages:
+            raise ValueError(f"{name}: {len(flops)} FLOP counts for {runner.num_stages} stages")
+        if len(policy.thresholds) != runner.num_stages - 1:
+            raise ValueError(f"{name}: policy has {len(policy.thresholds)} thresholds "
+                             f"for {runner.num_stages} stages")
+        self.name = name
+        self.runner = runner
+        self.num_stages = runner.num_stages
+        self.num_classes = num_classes
+        self.cum_flops = np.cumsum(np.asarray(flops, dtype=np.float64))
+        self.settings = settings
+        self.metrics = metrics
+        self._policy = policy
+        self._rng = np.random.default_rng(seed)
+        self._cond = threading.Condition()
+        self._queues: list[deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
+        self._shadow: list[deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
+        self._load = 0  # request rows waiting or in flight (admission bound)
+        self._shadow_load = 0
+        self._accepting = False
+        self._draining = False
+        self._halt = False
+        self._running: _Batch | None = None  # the batch the worker is computing
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._accepting = True
+        self._thread = threading.Thread(target=self._work, name=f"offramp-{self.name}", daemon=True)
+        self._thread.start()
+        self.metrics.policy(self.name, self._policy.version, list(self._policy.thresholds))
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting; with `drain`, finish every request in flight first, else fail them (503)."""
+        with self._cond:
+            self._accepting = False
+            self._draining = True
+            if not drain:
+                self._halt = True
+                self._fail_all(NotReady(f"model {self.name!r} is shutting down"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self.runner.close()
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def policy(self) -> ExitPolicy:
+        return self._policy
+
+    def set_policy(self, policy: ExitPolicy) -> None:
+        if len(policy.thresholds) != self.num_stages - 1:
+            raise ValueError(f"{self.name}: policy has {len(policy.thresholds)} thresholds, "
+                             f"expected {self.num_stages - 1}")
+        self._policy = policy  # one reference swap: a running batch keeps its snapshot
+        self.metrics.policy(self.name, policy.version, list(policy.thresholds))
+
+    def depth(self, stage: int) -> int:
+        """Rows waiting for `stage` (request rows only)."""
+        with self._cond:
+            return sum(len(c) for c in self._queues[stage])
+
+    # ---- request side ----------------------------------------------------------------------------
+
+    async def submit(self, x: np.ndarray, *, early_exit: bool = True) -> InferResult:
+        n = int(x.shape[0])
+        if n == 0:
+            return InferResult(np.zeros(0, np.int64), np.zeros((0, self.num_classes), np.float32),
+                               np.zeros(0, np.int32))
+        limit = self.settings.max_queue_size
+        if n > limit:
+            raise BadRequest(f"request has {n} samples; model {self.name!r} queues at most {limit} "
+                             "(max_queue_size): split it")
+        loop = asyncio.get_running_loop()
+        req = _Request(n, loop, loop.create_future(), np.zeros(n, np.int64),
+                       np.zeros((n, self.num_classes), np.float32), np.zeros(n, np.int32), remaining=n)
+        owners = np.empty(n, dtype=object)
+        owners.fill(req)
+        chunk = _Chunk(x, owners, np.arange(n, dtype=np.int64), np.full(n, not early_exit),
+                       np.full(n, -1, np.int64), ExitState.initial(n))
+        with self._cond:
+            if not self._accepting:
+                raise NotReady(f"model {self.name!r} is not accepting requests")
+            if self._load + n > limit:
+                raise Overloaded(f"model {self.name!r} is overloaded: {self._load} samples queued, "
+                                 f"limit {limit}; retry later")
+            self._load += n
+            self._queues[0].append(chunk)
+            self._report_depths()
+            self._cond.notify_all()
+        try:
+            return await asyncio.wait_for(req.future, self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            self._abandon(req)
+            raise RequestTimeout(f"model {self.name!r} did not answer within "
+                                 f"{self.settings.request_timeout_s:g}s") from None
+        except asyncio.CancelledError:  # the client went away: drop its work as well
+            self._abandon(req)
+            raise
+
+    def _abandon(self, req: _Request) -> None:
+        with self._cond:
+            if req.done:
+                return
+            req.done = True
+            self._load -= req.remaining
+            for q in self._queues:  # whole chunks of dead rows go now; mixed chunks are filtered later
+                dead = [c for c in q if all(o is not None and o.done for o in c.owners)]
+                for c in dead:
+                    q.remove(c)
+            self._report_depths()
+            self._cond.notify_all()
+
+    def _fail(self, owners: np.ndarray, error: OfframpError) -> None:
+        """Fail every live request that owns one of these rows (call with the lock held)."""
+        for req in {id(o): o for o in owners if o is not None}.values():
+            if not req.done:
+                req.done = True
+                self._load -= req.remaining
+                _post(req.loop, req.future, None, error)
+
+    def _fail_all(self, error: OfframpError) -> None:
+        if self._running is not None:
+            self._fail(self._running.meta.owners, error)
+        for q in self._queues:
+            for c in q:
+                self._fail(c.owners, error)
+            q.clear()
+        for q in self._shadow:
+            q.clear()
+        self._shadow_load = 0
+
+    # ---- worker side -----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                job = self._next_job()
+                self._running = None if job is None or job[2] else job[1]
+            if job is None:
+                return
+            self._execute(*job)
+            self._running = None
+
+    def _next_job(self) -> tuple[int, _Batch, bool] | None:
+        """Wait for the next batch to run (lock held); None when the worker should exit."""
+        while True:
+            if self._halt:
+                return None
+            stage, wait = self._pick(time.monotonic())
+            if stage is not None:
+                batch = self._form_batch(self._queues[stage])
+                if batch is not None:
+                    return stage, batch, False
+                continue
+            if self._draining and wait is None:
+                return None  # drained: shadow work is dropped on shutdown
+            if wait is None:  # no request work: shadow checks, deepest first
+                for k in reversed(range(self.num_stages)):
+                    if self._shadow[k]:
+                        batch = self._form_batch(self._shadow[k])
+                        if batch is not None:
+                            return k, batch, True
+            self._cond.wait(timeout=wait)
+
+    def _pick(self, now: float) -> tuple[int | None, float | None]:
+        """The deepest ready request queue, else how long until one may become ready (None: all empty)."""
+        depths = [sum(len(c) for c in q) for q in self._queues]
+        delay = self.settings.max_queue_delay_ms / 1000.0
+        wait: float | None = None
+        for k in reversed(range(self.num_stages)):
+            if depths[k] == 0:
+                continue
+            oldest = min(c.since for c in self._queues[k])
+            starved = k > 0 and not any(depths[:k])  # nothing shallower could still join
+            full = depths[k] >= self.settings.max_batch_size
+            if self._draining or full or starved or now - oldest >= delay:
+                return k, None
+            left = oldest + delay - now
+            wait = left if wait is None else min(wait, left)
+        return None, wait
+
+    def _form_batch(self, q: deque[_Chunk]) -> _Batch | None:
+        """Pop up to max_batch_size live rows from a queue, splitting the last chunk if needed (lock held)."""
+        room = self.settings.max_batch_size
+        parts: list[_Chunk] = []
+        while q and room > 0:
+            chunk = q.popleft()
+            alive = chunk.alive()
+            if not alive.all():
+                chunk = chunk.select(np.flatnonzero(alive))
+                if len(chunk) == 0:
+                    continue
+            if len(chunk) > room:
+                pass
+                chunk = chunk.select(np.arange(room))
+            parts.append(chunk)
+            room -= len(chunk)
+        self._report_depths()
+        return _merge(parts) if parts else None
+
+    def _materialise(self, batch: _Batch) -> Any:
+        inputs = [p.hidden if p.rows is None else self.runner.take(p.hidden, p.rows) for p in batch.parts]
+        return inputs[0] if len(inputs) == 1 else self.runner.concat(inputs)
+
+    def _execute(self, stage: int, batch: _Batch, shadow: bool) -> None:
+        policy = self._policy  # the snapshot this batch keeps
+        try:
+            x = self._materialise(batch)
+            start = time.perf_counter()
+            out = self.runner.run(stage, x)
+            self.metrics.stage_run(self.name, stage, len(batch), time.perf_counter() - start)
+            if shadow:
+                self._after_shadow(stage, batch.meta, out)
+            else:
+                self._after_stage(stage, batch.meta, out, policy)
+        except Exception as err:  # an onnxruntime failure fails these requests, not the worker
+            log.exception("%s: stage %d failed on a batch of %d", self.name, stage, len(batch))
+            with self._cond:
+                if shadow:
+                    self._shadow_load -= len(batch)
+                else:
+                    message = f"model {self.name!r}: inference failed at stage {stage}: "
+                    message += f"{type(err).__name__}: {err}"
+                    self._fail(batch.meta.owners, OfframpError(message, 500))
+                self._report_depths()
+                self._cond.notify_all()
+
+    def _after_stage(self, stage: int, batch: _Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
+        n = len(batch)
+        last = stage == self.num_stages - 1
+        probs = softmax(out.logits)
+        if last:
+            exit_mask, labels, state = np.ones(n, dtype=bool), probs.argmax(axis=-1), batch.state
+        else:
+            similarity = out.similarity
+            if similarity is None and policy.criterion in NEEDS_SIMILARITY:
+                similarity = np.full(n, np.nan, np.float32)  # nothing before stage 0: never exits here
+            exit_mask, labels, state = decide(policy.criterion, policy.threshold(stage), out.logits,
+                                              batch.state, out.gate, similarity)
+            exit_mask &= ~batch.full
+        alive = batch.alive()
+        survivors = shadow = None
+        go_on = np.flatnonzero(~exit_mask & alive)
+        if len(go_on):  # the gather happens when the next stage runs (merged with other survivors)
+            rows = None if len(go_on) == n else go_on
+            survivors = _Chunk(out.hidden, batch.owners[go_on], batch.sample[go_on], batch.full[go_on],
+                               batch.early_label[go_on], state.take(go_on), rows)
+        if not last and self.settings.shadow_rate > 0:
+            pick = np.flatnonzero(exit_mask & alive & (self._rng.random(n) < self.settings.shadow_rate))
+            pick = pick[:max(0, self.settings.max_queue_size - self._shadow_load)]
+            if len(pick):
+                shadow = _Chunk(out.hidden, np.empty(len(pick), dtype=object), batch.sample[pick],
+                                np.ones(len(pick), bool), labels[pick].astype(np.int64), state.take(pick),
+                                pick)
+        with self._cond:
+            answered = 0
+            for i in np.flatnonzero(exit_mask):
+                req: _Request = batch.owners[i]
+                if req.done:
+                    continue
+                j = batch.sample[i]
+                req.labels[j], req.probs[j], req.exit_stage[j] = labels[i], probs[i], stage
+                req.remaining -= 1
+                answered += 1
+                if req.remaining == 0:
+                    req.done = True
+                    _post(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
+            self._load -= answered
+            if survivors is not None:
+                self._queues[stage + 1].append(survivors)
+            if shadow is not None:
+                self._shadow_load += len(shadow)
+                self._shadow[stage + 1].append(shadow)
+            self._report_depths()
+            self._cond.notify_all()
+        self.metrics.samples_exited(self.name, stage, answered, answered * float(self.cum_flops[stage]),
+                                    answered * float(self.cum_flops[-1]))
+
+    def _after_shadow(self, stage: int, batch: _Chunk, out: StageOutputs) -> None:
+        if stage == self.num_stages - 1:
+            disagreements = int((out.logits.argmax(axis=-1) != batch.early_label).sum())
+            with self._cond:
+                self._shadow_load -= len(batch)
+            self.metrics.shadow(self.name, len(batch), disagreements)
+            return
+        nxt = _Chunk(out.hidden, batch.owners, batch.sample, batch.full, batch.early_label, batch.state)
+        with self._cond:
+            self._shadow[stage + 1].append(nxt)
+            self._cond.notify_all()
+
+    def _report_depths(self) -> None:
+        for k, q in enumerate(self._queues):
+            self.metrics.queue(self.name, k, sum(len(c) for c in q))

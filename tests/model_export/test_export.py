@@ -1,0 +1,149 @@
+"""The exported bundle: ONNX segments reproduce PyTorch, the loader refuses damaged bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ort = pytest.importorskip("onnxruntime")
+
+from model_export.checkpoint import load_checkpoint  # noqa: E402
+from model_export.data import load_digits_splits  # noqa: E402
+from model_export.export import (  # noqa: E402
+    EXPORT_CONFIGS,
+    ExportCheckError,
+    agreement_thresholds,
+    check_export,
+    exit_shares,
+)
+from server.bundle import load_bundle  # noqa: E402
+from server.errors import BundleError  # noqa: E402
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_stage_files_in_sequence_reproduce_every_exit(tiny_bundle: Path, batch: int) -> None:
+    bundle = load_bundle(tiny_bundle)
+    model, _ = load_checkpoint(tiny_bundle / "checkpoint.pt")
+    x = load_digits_splits().test.x[:batch]
+    with torch.no_grad():
+        want = [z.numpy() for z in model(torch.from_numpy(x))]
+    h = x
+    for i, stage in enumerate(bundle.manifest.stages):
+        sess = _session(bundle.stage_path(i))
+        outs = dict(
+            zip(stage.output_names(), sess.run(stage.output_names(), {stage.inputs[0].name: h}), strict=True)
+        )
+        np.testing.assert_allclose(outs["logits"], want[i], atol=1e-4, rtol=0)
+        assert outs["logits"].shape == (batch, 10)
+        h = outs["hidden"]
+    ref = bundle.manifest.reference
+    got = _session(bundle.reference_path()).run(ref.outputs, {"pixels": x})
+    for i, logits in enumerate(got):
+        np.testing.assert_allclose(logits, want[i], atol=1e-4, rtol=0)
+
+
+def test_manifest_describes_the_model(tiny_bundle: Path) -> None:
+    m = load_bundle(tiny_bundle).manifest
+    assert m.input.name == "pixels" and m.input.shape == [-1, 8, 8] and m.input.dtype == "FP32"
+    assert [s.inputs[0].name for s in m.stages] == ["pixels", "hidden_in", "hidden_in"]
+    assert [s.output_names() for s in m.stages][1:] == [["hidden", "logits", "similarity"]] * 2
+    assert all(s.flops > 0 and s.params > 0 for s in m.stages)
+    cumulative = m.cumulative_flops()
+    assert all(a < b for a, b in zip(cumulative, cumulative[1:], strict=False))
+    assert len(m.default_policy.thresholds) == m.num_stages - 1
+    assert m.accuracy.samples == 360 and min(m.accuracy.per_stage) > 0.2  # chance is 0.1
+
+
+def test_calibration_holds_every_exit_on_validation(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    calib = bundle.calibration()
+    assert calib.logits.shape == (3, 270, 10) and calib.labels.shape == (270,)
+    assert calib.similarity is not None and np.isnan(calib.similarity[0]).all()
+    assert np.isfinite(calib.similarity[1:]).all()
+
+
+def test_tampered_stage_is_refused_naming_the_file(bundle_copy: Path) -> None:
+    path = bundle_copy / "stage_01.onnx"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"stage_01\.onnx: sha256 does not match") as err:
+        load_bundle(bundle_copy)
+    assert "stage_00" not in str(err.value) and "stage_02" not in str(err.value)
+
+
+def test_missing_stage_file_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / "stage_02.onnx").unlink()
+    with pytest.raises(BundleError, match=r"stage_02\.onnx: file is missing"):
+        load_bundle(bundle_copy)
+
+
+def test_malformed_manifest_is_named(bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.json"
+    manifest.write_text(manifest.read_text()[:-20])
+    with pytest.raises(BundleError, match=r"manifest\.json: malformed JSON"):
+        load_bundle(bundle_copy)
+
+
+def test_manifest_with_wrong_schema_is_named(bundle_copy: Path) -> None:
+    manifest = bundle_copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["default_policy"]["thresholds"] = [0.5]
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"manifest\.json: malformed manifest.*thresholds"):
+        load_bundle(bundle_copy)
+
+
+def test_onnx_io_mismatch_is_named(bundle_copy: Path) -> None:
+    """stage_00's file in stage_01's place, hash updated: the inputs no longer match."""
+    from server.bundle import sha256_file
+
+    shutil.copy(bundle_copy / "stage_00.onnx", bundle_copy / "stage_01.onnx")
+    manifest = bundle_copy / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["stages"][1]["sha256"] = sha256_file(bundle_copy / "stage_01.onnx")
+    manifest.write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match=r"stage_01\.onnx: inputs are \['pixels'\]"):
+        load_bundle(bundle_copy)
+
+
+def test_export_check_reports_every_mismatch(bundle_copy: Path) -> None:
+    """A model that drifted from its ONNX files fails every check, all listed in one error."""
+    model, _ = load_checkpoint(bundle_copy / "checkpoint.pt")
+    with torch.no_grad():
+        model.heads[2].fc.bias += 1.0  # only the last exit's logits change
+    with pytest.raises(ExportCheckError) as err:
+        check_export(model, bundle_copy, load_digits_splits().test.x[:4], EXPORT_CONFIGS["vit-digits"])
+    failures = err.value.mismatches
+    # segment check + chain check per batch size, plus the reference, for the last exit only
+    assert len(failures) == 6
+    assert all("stage_02.onnx" in f or "logits_02" in f for f in failures)
+    assert any("batch 1" in f for f in failures) and any("batch 37" in f for f in failures)
+
+
+def test_agreement_thresholds_keep_the_target() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 500, 10)).astype(np.float32) * 3
+    logits[-1] = logits[1] + rng.normal(size=(500, 10)) * 0.5  # exit 1 mostly agrees with the final
+    thresholds = agreement_thresholds(logits, 0.95)
+    shares, agreement = exit_shares(logits, thresholds)
+    assert abs(sum(shares) - 1) < 1e-9
+    assert agreement >= 0.95
+    assert shares[1] > 0.1  # the agreeing exit is used
