@@ -245,8 +245,9 @@ def _init_weights(m: nn.Module) -> None:
 VARIANTS: dict[str, dict[str, Any]] = {
     # For tests and the server's test fixture: builds in seconds, accuracy whatever it gets.
     "tiny": {"img_size": 8, "patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2, "mlp_ratio": 2.0},
-    # The digits demo: 16 patch tokens + class token, an exit after every block.
-    "demo": {"img_size": 8, "patch_size": 2, "embed_dim": 64, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0},
+    # The digits demo: 4 patch tokens (4x4 quadrants) + class token, an exit after every block.
+    # Patch 2 (16 tokens) learns far slower on 1167 training images: 92 % after 25 epochs vs 98 %.
+    "demo": {"img_size": 8, "patch_size": 4, "embed_dim": 64, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0},
 }
 
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -24,10 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from server import __version__, protocol
+from server.admin import build_admin_router
 from server.bundle import Bundle, load_bundle
 from server.errors import BadRequest, BundleError, NotFound, OfframpError, PayloadTooLarge
 from server.metrics import Metrics
 from server.settings import Settings
+from server.store import FilePolicyStore, startup_policy
 
 log = logging.getLogger("offramp.app")
 T = TypeVar("T")
@@ -58,17 +61,19 @@ def load_bundles(settings: Settings) -> list[Bundle]:
     return [load_bundle(_demo_bundle_dir(settings))]
 
 
-def _demo_bundle_dir(settings: Settings) -> Any:
-    hint = "serving the demo bundle needs the export extra: pip install 'offramp[export]' " \
-           "(or pass --bundle DIR / set OFFRAMP_BUNDLES)"
+def _demo_bundle_dir(settings: Settings) -> Path:
+    """Build (first time) and locate the demo bundle; torch is only needed for the build."""
     try:
         from model_export.demo import ensure_demo_bundle
 
         log.info("no bundle configured: serving the demo bundle (cache %s)", settings.cache_dir)
-        return ensure_demo_bundle(settings.cache_dir)
+        return Path(ensure_demo_bundle(settings.cache_dir))
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] in {"torch", "model_export", "sklearn"}:
-            raise BundleError(f"{hint} ({err.name} is not installed)") from err
+            raise BundleError(
+                "serving the demo bundle needs the export extra: pip install 'offramp[export]' "
+                f"(or pass --bundle DIR / set OFFRAMP_BUNDLES); {err.name} is not installed"
+            ) from err
         raise
 
 
@@ -219,10 +224,14 @@ def create_app(
     """Build the app. Without `engine`, load and verify the configured bundles (or the demo
     bundle) and build the engine; its sessions start when the app starts."""
     metrics = metrics if metrics is not None else Metrics()
+    store = FilePolicyStore(settings.resolved_state_dir)
     if engine is None:
         from server.engine import Engine  # onnxruntime loads here, not when the CLI parses flags
 
-        engine = Engine(load_bundles(settings), settings, metrics)
+        bundles = load_bundles(settings)
+        # The live policy survives restarts: start from what operators last set, else the bundle default.
+        policies = {b.name: startup_policy(store, b.manifest) for b in bundles}
+        engine = Engine(bundles, settings, metrics, policies)
 
     app = FastAPI(title="offramp", version=__version__, lifespan=_lifespan)
     app.state.engine = engine
@@ -233,10 +242,7 @@ def create_app(
     app.include_router(v2)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
-    # --- admin API: wired by the lead ------------------------------------------------------------
-    # from server.admin import build_admin_router
-    # app.include_router(build_admin_router(engine, settings, store))
-    # ---------------------------------------------------------------------------------------------
+    app.include_router(build_admin_router(engine, settings, store))
 
     app.add_exception_handler(OfframpError, _offramp_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -29,6 +29,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from server import __version__
+from server.calibrate import register as register_calibrate
 from server.settings import Settings
 
 log = logging.getLogger("offramp.cli")
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_flags(serve_parser)
     serve_parser.set_defaults(func=serve)
+    register_calibrate(subparsers)
     try:
         from model_export.cli import register
     except ImportError as err:  # a server-only install has no model_export

@@ -81,7 +81,8 @@ class Engine:
                 )
                 scheduler.start()
                 self._schedulers[name] = scheduler
-                log.info("%s: serving %d stages, policy %s", name, m.num_stages, self._policies[name].describe())
+                log.info("%s: serving %d stages, policy %s", name, m.num_stages,
+                         self._policies[name].describe())
         except BaseException:
             await self.stop(drain=False)
             raise
@@ -148,11 +149,11 @@ class Engine:
         bundle = self.bundle(model)
         spec = bundle.manifest.input
         want = tuple(spec.shape[1:])
-        if x.ndim != len(spec.shape) or any(w != -1 and w != h for w, h in zip(want, x.shape[1:], strict=True)):
+        if x.ndim != len(spec.shape) or any(w not in (-1, h) for w, h in zip(want, x.shape[1:], strict=True)):
             raise BadRequest(f"input {spec.name!r} of model {model!r} must have shape {spec.shape}, "
                              f"got {list(x.shape)}")
         scheduler = self._schedulers.get(model)
         if scheduler is None:
-            raise NotReady(f"model {model!r} is not loaded yet")
+            raise NotReady(f"model {model!r} is not serving (not started yet, or shutting down)")
         dtype = NUMPY_DTYPES[spec.dtype]
         return await scheduler.submit(np.ascontiguousarray(x, dtype=dtype), early_exit=early_exit)

@@ -114,7 +114,7 @@ def advance(
     elif criterion == "entropy":
         c = probs.shape[-1]
         ent = -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1) / (np.log(c) if c > 1 else 1.0)
-        score = -ent
+        score = -np.clip(ent, 0.0, 1.0)  # rounding must not put a uniform softmax above a threshold of 1
     elif criterion == "patience":
         score = run.astype(np.float32)
     elif criterion in NEEDS_SIMILARITY:

@@ -104,27 +104,31 @@ def providers_for(device: str, device_id: int = 0) -> list[Any]:
     return [CPU_PROVIDER]
 
 
-def gather_model(elem_type: int) -> onnx.ModelProto:
-    """`out = data[indices]` along axis 0, for any rank of `data`."""
+def _dims(rank: int, first: str) -> list[str | None]:
+    return [first] + [None] * (rank - 1)
+
+
+def gather_model(elem_type: int, rank: int) -> onnx.ModelProto:
+    """`out = data[indices]` along axis 0 (`data` of the given rank, any sizes)."""
     graph = helper.make_graph(
         [helper.make_node("Gather", ["data", "indices"], ["out"], axis=0)],
         "offramp_gather_rows",
-        [helper.make_tensor_value_info("data", elem_type, None),
+        [helper.make_tensor_value_info("data", elem_type, _dims(rank, "n")),
          helper.make_tensor_value_info("indices", TensorProto.INT64, ["m"])],
-        [helper.make_tensor_value_info("out", elem_type, None)],
+        [helper.make_tensor_value_info("out", elem_type, _dims(rank, "m"))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
                              ir_version=HELPER_IR_VERSION, producer_name="offramp")
 
 
-def concat_model(count: int, elem_type: int) -> onnx.ModelProto:
+def concat_model(count: int, elem_type: int, rank: int) -> onnx.ModelProto:
     """`out = concat(in_0 ... in_{count-1})` along axis 0."""
     names = [f"in_{i}" for i in range(count)]
     graph = helper.make_graph(
         [helper.make_node("Concat", names, ["out"], axis=0)],
         f"offramp_concat_{count}",
-        [helper.make_tensor_value_info(n, elem_type, None) for n in names],
-        [helper.make_tensor_value_info("out", elem_type, None)],
+        [helper.make_tensor_value_info(n, elem_type, _dims(rank, f"n{i}")) for i, n in enumerate(names)],
+        [helper.make_tensor_value_info("out", elem_type, _dims(rank, "m"))],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
                              ir_version=HELPER_IR_VERSION, producer_name="offramp")
@@ -151,8 +155,8 @@ class OrtValueOps:
         self.device_id = device_id
         self._options = options
         self._providers = providers_for("cuda" if device_type == "cuda" else "cpu", device_id)
-        self._gather: dict[int, ort.InferenceSession] = {}
-        self._concat: dict[tuple[int, int], ort.InferenceSession] = {}
+        self._gather: dict[tuple[int, int], ort.InferenceSession] = {}  # (elem type, rank)
+        self._concat: dict[tuple[int, int, int], ort.InferenceSession] = {}  # (count, elem type, rank)
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(model.SerializeToString(), self._options, providers=self._providers)
@@ -164,10 +168,10 @@ class OrtValueOps:
         if isinstance(hidden, np.ndarray):
             return hidden[rows]
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        elem = hidden.element_type()
-        sess = self._gather.get(elem)
+        key = (hidden.element_type(), len(hidden.shape()))
+        sess = self._gather.get(key)
         if sess is None:
-            sess = self._gather[elem] = self._session(gather_model(elem))
+            sess = self._gather[key] = self._session(gather_model(*key))
         binding = sess.io_binding()
         binding.bind_ortvalue_input("data", hidden)
         binding.bind_cpu_input("indices", rows)  # a few bytes; onnxruntime copies them up
@@ -181,7 +185,7 @@ class OrtValueOps:
         if all(isinstance(p, np.ndarray) for p in parts):
             return np.concatenate(parts, axis=0)
         values = [self.to_device(p) if isinstance(p, np.ndarray) else p for p in parts]
-        key = (len(values), values[0].element_type())
+        key = (len(values), values[0].element_type(), len(values[0].shape()))
         sess = self._concat.get(key)
         if sess is None:
             sess = self._concat[key] = self._session(concat_model(*key))

@@ -335,7 +335,7 @@ class ModelScheduler:
                 if len(chunk) == 0:
                     continue
             if len(chunk) > room:
-                pass
+                q.appendleft(chunk.select(np.arange(room, len(chunk))))
                 chunk = chunk.select(np.arange(room))
             parts.append(chunk)
             room -= len(chunk)

@@ -120,6 +120,17 @@ def test_dockerfile_has_a_demo_builder_and_torch_free_cpu_and_gpu_targets() -> N
         assert "OFFRAMP_HOST=0.0.0.0" in env and "OFFRAMP_BUNDLES=/bundles/demo" in env
 
 
+def test_versions_stated_in_docs_match_the_build() -> None:
+    args, _ = dockerfile()
+    constraints = (DOCKER / "runtime-constraints.txt").read_text()
+    pins = dict(re.findall(r"^(onnxruntime(?:-gpu)?)==(\S+)$", constraints, re.M))
+    assert set(pins) == {"onnxruntime", "onnxruntime-gpu"} and len(set(pins.values())) == 1
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for stated in (args["CUDA_IMAGE"], f"`onnxruntime-gpu` {pins['onnxruntime-gpu']}", args["PYTHON_IMAGE"]):
+        assert stated in docs, f"docs/deploy.md does not state {stated}"
+    assert pins["onnxruntime-gpu"] in (ROOT / "Dockerfile").read_text()
+
+
 def test_dockerignore_lets_every_copied_source_in_and_keeps_the_rest_out() -> None:
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
@@ -248,7 +259,11 @@ def test_deployment_gpu_probes_termination_and_references() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert pod["terminationGracePeriodSeconds"] > float(config["data"]["OFFRAMP_REQUEST_TIMEOUT_S"])
+    # The server cancels what is still running request_timeout_s + 5 s after SIGTERM (docs/usage.md);
+    # the kubelet kills at the grace period, counted from before the preStop sleep.
+    pre_stop = float(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = float(config["data"]["OFFRAMP_REQUEST_TIMEOUT_S"]) + 5 + pre_stop
+    assert pod["terminationGracePeriodSeconds"] > drain
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
@@ -274,22 +289,32 @@ def test_secret_template_placeholder_is_refused_by_the_server() -> None:
 
 
 def _compose_env(service: dict) -> dict[str, str]:
-    env = service.get("environment", {})
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) for item in env)
+    """The variables a compose service gets from its env files (those that exist) and `environment`."""
+    env: dict[str, str] = {}
+    for entry in service.get("env_file", []):
+        path = DOCKER / (entry if isinstance(entry, str) else entry["path"])
+        if isinstance(entry, dict) and not entry.get("required", True) and not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    listed = service.get("environment", {})
+    if isinstance(listed, list):
+        listed = dict(item.split("=", 1) for item in listed)
     # `${VAR:-default}` is what the container gets when the caller does not set VAR.
-    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+    env.update({k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in listed.items()})
+    return env
 
 
 def test_every_offramp_variable_set_by_the_deployment_is_a_valid_setting() -> None:
     from server.settings import Settings
 
     fields = {f"OFFRAMP_{name.upper()}" for name in Settings.model_fields}
-    sources: dict[str, dict[str, str]] = {
-        "k8s/configmap.yaml": k8s_docs()["configmap.yaml"]["data"],
-        "compose.yaml": _compose_env(compose("compose.yaml")["services"]["offramp"]),
-        "compose.gpu.yaml": _compose_env(compose("compose.gpu.yaml")["services"]["offramp"]),
-    }
+    stack = merged(compose("compose.yaml"), compose("compose.gpu.yaml"))
+    compose_env = _compose_env(stack["services"]["offramp"])
+    assert compose_env["OFFRAMP_BUNDLES"] == "/bundles/demo"
+    sources = {"k8s/configmap.yaml": k8s_docs()["configmap.yaml"]["data"], "compose": compose_env}
     for target, stage in dockerfile()[1].items():
         env = " ".join(rest for instr, rest in stage if instr == "ENV")
         sources[f"Dockerfile {target}"] = dict(re.findall(r"(OFFRAMP_\w+)=(\S+)", env))
@@ -324,24 +349,57 @@ def exported_sample_names() -> set[str]:
 
 
 def dashboard_exprs() -> list[str]:
+    """Every panel query, with Grafana's variables replaced so that each is plain PromQL."""
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    return exprs + [v["definition"] for v in dash["templating"]["list"]]
+    return [e.replace("$__rate_interval", "1m").replace("$model", ".*") for e in exprs]
 
 
 def adapter_rules() -> list[dict]:
     return load_yaml(ADAPTER_VALUES)["rules"]["custom"]
 
 
+def adapter_queries(rule: dict) -> tuple[str, str]:
+    """(series name, metricsQuery) with prometheus-adapter's template filled in as it would be."""
+    parsed = promql_parser().parse(rule["seriesQuery"])
+    query = rule["metricsQuery"].replace("<<.Series>>", parsed.name)
+    query = query.replace("<<.LabelMatchers>>", 'namespace="offramp"').replace("<<.GroupBy>>", "pod")
+    return parsed.name, query
+
+
+def promql_parser() -> Any:
+    return pytest.importorskip("promql_parser", reason="PromQL is parsed by promql-parser (the `test` extra)")
+
+
+def selected_metrics(expr: str) -> set[str]:
+    """Metric names the PromQL expression selects (a syntax error fails the test)."""
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if type(node).__name__ == "VectorSelector" and node.name:
+            names.add(node.name)
+        for attr in ("lhs", "rhs", "expr", "args", "vector_selector", "param"):
+            child = getattr(node, attr, None)
+            for item in child if isinstance(child, list | tuple) else [child]:
+                if item is not None:
+                    walk(item)
+
+    walk(promql_parser().parse(expr))
+    return names
+
+
 def test_every_metric_in_the_dashboard_and_autoscaler_queries_is_exported() -> None:
     exported = exported_sample_names()
-    used = {name: "dashboard" for e in dashboard_exprs() for name in METRIC_NAME.findall(e)}
+    dash = json.loads(DASHBOARD.read_text())
+    variables = [v["definition"] for v in dash["templating"]["list"]]
+    used = {name: "dashboard variable" for v in variables for name in METRIC_NAME.findall(v)}
+    for expr in dashboard_exprs():
+        used |= {name: "dashboard" for name in selected_metrics(expr)}
     for rule in adapter_rules():
-        (series,) = METRIC_NAME.findall(rule["seriesQuery"])
+        series, query = adapter_queries(rule)
         assert re.search(rule["name"]["matches"], series)
-        used[series] = "prometheus-adapter rule"
-        for name in METRIC_NAME.findall(rule["metricsQuery"].replace("<<.Series>>", series)):
-            used[name] = "prometheus-adapter rule"
+        used |= {name: "prometheus-adapter rule" for name in selected_metrics(query) | {series}}
+    assert len(used) >= 10
     missing = {name: where for name, where in used.items() if name not in exported}
     assert not missing, f"queries use metrics the server does not export: {missing}"
 

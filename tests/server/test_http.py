@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,8 +306,8 @@ def test_overload_gives_503_at_once_not_a_hang(tiny_bundle: Path, tmp_path: Path
 
 
 def test_sigterm_answers_requests_in_flight_then_exits_0(tiny_bundle: Path, tmp_path: Path) -> None:
-    # Requests wait up to 1.5 s for a batch to fill: SIGTERM arrives while all of them are queued.
-    proc = ServerProcess(tiny_bundle, tmp_path, "--max-queue-delay-ms", "1500", "--max-batch-size", "64")
+    # Requests wait up to 2.5 s for a batch to fill: SIGTERM arrives while all of them are queued.
+    proc = ServerProcess(tiny_bundle, tmp_path, "--max-queue-delay-ms", "2500", "--max-batch-size", "64")
     try:
         model = load_bundle(tiny_bundle).name
         count = 6
@@ -324,5 +325,26 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(tiny_bundle: Path, tmp_
         assert statuses == [200] * count
         assert code == 0, proc.log
         assert "engine stopped" in proc.log
+    finally:
+        proc.stop()
+
+
+def test_several_bundles_serve_as_several_models(tiny_bundle: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["name"] = "second-model"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    proc = ServerProcess(tiny_bundle, tmp_path, "--bundle", str(other))
+    try:
+        first = load_bundle(tiny_bundle).name
+        x = digits(4)
+        answers = [infer(proc.url, name, x) for name in (first, "second-model")]
+        assert [a.status_code for a in answers] == [200, 200]
+        labels = [protocol.decode_response(a.content, a.headers)[1]["label"] for a in answers]
+        np.testing.assert_array_equal(labels[0], labels[1])  # same stage files, same answers
+        values = scrape(proc.url)
+        for name in (first, "second-model"):
+            assert metric(values, "offramp_samples_total", model=name) == 4
     finally:
         proc.stop()

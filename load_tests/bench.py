@@ -1,0 +1,392 @@
+"""`offramp bench`: early exit against full depth, side by side in one run, on one bundle.
+
+Configurations, measured on the digits test split (never the calibration data):
+
+- `reference`: the bundle's monolithic `reference.onnx` with onnxruntime in-process (the compute
+  reference; it outputs every exit's logits, the final one is the answer);
+- `full`: the engine in-process with `early_exit=False` (every stage);
+- `early`: the same engine with thresholds calibrated to `--target-agreement` (server.calibrate on
+  the bundle's calibration data), one request of `batch` samples at a time;
+- `http-full` / `http-early`: the same two through a real `offramp serve` subprocess on
+  127.0.0.1, under `c` concurrent clients each sending single-sample requests in a closed loop
+  (httpx in threads; V2 binary tensor data by default, `--http-format json` for plain JSON).
+
+Configurations being compared run interleaved (A, B, C, then B, C, A, ...) so a shared machine's
+drifts hit all of them alike; figures are medians over `--repeats`. Exit histograms and
+agreement pool every repeat. The realisation ratio is the measured speed-up over `full` divided
+by the ideal one, full-depth FLOPs / expected executed FLOPs under the measured exit histogram
+(FLOPs per stage from the manifest). onnxruntime: `--threads` intra-op threads per session
+(default 1: stable on a shared machine), inter-op 1, spinning off everywhere.
+
+    offramp bench demo --out results/bench-demo        # or: heavy, or a bundle directory
+    python -m load_tests.bench BUNDLE --out DIR --quick   # tiny sizes (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from load_tests.data import RequestData, digits_test_split, read_request_data
+
+PRESETS = ("demo", "heavy")
+
+
+@dataclass
+class BenchConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 32])
+    repeats: int = 5
+    samples_per_trial: int = 256
+    """Samples per timed trial (in-process: at least `min_requests` requests; HTTP: requests)."""
+    min_requests: int = 20
+    warmup_requests: int = 5
+    threads: int = 1
+    max_queue_delay_ms: float = 0.0
+    target_agreement: float = 0.99
+    criterion: str = "max_prob"
+    http: bool = True
+    http_format: str = "binary"
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        return cls(batch_sizes=[1, 4], concurrency=[1, 2], repeats=2, samples_per_trial=8, min_requests=4,
+                   warmup_requests=1)
+
+
+@dataclass
+class Trial:
+    """One timed run of one configuration: wall time, per-request latencies, and every answer."""
+
+    seconds: float
+    latencies_ms: list[float]
+    samples: int
+    indices: np.ndarray  # data rows answered
+    labels: np.ndarray
+    exit_stage: np.ndarray
+
+
+def resolve_bundle(spec: str, cache_dir: Path | None = None, *, progress: bool = True) -> Path:
+    """A bundle directory, or a preset (`demo`, `heavy`) built on first use under the cache dir."""
+    path = Path(spec)
+    if (path / "manifest.json").is_file():
+        return path
+    if spec in PRESETS:
+        if cache_dir is None:
+            from server.settings import Settings
+
+            cache_dir = Settings().cache_dir
+        if spec == "demo":
+            from model_export.demo import ensure_demo_bundle
+
+            return ensure_demo_bundle(cache_dir, progress=progress)
+        from load_tests.heavy import ensure_heavy_bundle
+
+        return ensure_heavy_bundle(cache_dir, progress=progress)
+    raise ValueError(f"{spec!r} is neither a bundle directory (no manifest.json) nor a preset {PRESETS}")
+
+
+def policy_bundle(bundle_dir: Path, criterion: str, thresholds: list[float | None], where: Path) -> Path:
+    """A copy of the bundle whose default policy is `thresholds`: links to the same files, a new
+    manifest. The HTTP server serves it, so it starts with the calibrated policy without the admin API."""
+    from server.bundle import MANIFEST, PolicySpec, load_bundle, write_manifest
+
+    manifest = load_bundle(bundle_dir).manifest
+    where.mkdir(parents=True, exist_ok=True)
+    for item in bundle_dir.iterdir():
+        if item.name != MANIFEST and not (where / item.name).exists():
+            (where / item.name).symlink_to(item.resolve())
+    policy = PolicySpec(criterion=criterion, thresholds=thresholds)
+    write_manifest(where, manifest.model_copy(update={"default_policy": policy}))
+    return where
+
+
+def _session(path: Path, threads: int):  # noqa: ANN202 (onnxruntime imported lazily)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _requests(cfg: BenchConfig, batch: int) -> int:
+    return max(cfg.min_requests, cfg.samples_per_trial // batch)
+
+
+async def _timed(call: Callable, data: RequestData, batch: int, count: int, start: int) -> Trial:
+    """`count` sequential requests of `batch` samples through `call(x) -> (labels, exit_stage)`."""
+    lat, idx, labels, stages = [], [], [], []
+    began = time.perf_counter()
+    for r in range(count):
+        x, rows = data.batch(start + r * batch, batch)
+        t0 = time.perf_counter()
+        lab, st = await call(x)
+        lat.append((time.perf_counter() - t0) * 1e3)
+        idx.append(rows)
+        labels.append(lab)
+        stages.append(st)
+    return Trial(time.perf_counter() - began, lat, count * batch, np.concatenate(idx), np.concatenate(labels),
+                 np.concatenate(stages))
+
+
+async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresholds: list[float | None],  # noqa: ANN001
+                             bar) -> tuple[dict[tuple[str, int], list[Trial]], np.ndarray]:  # noqa: ANN001
+    """Trials of reference / full / early per batch size, and the full-depth label of every sample."""
+    from server.engine import Engine
+    from server.metrics import Metrics
+    from server.policy import ExitPolicy
+    from server.settings import Settings
+
+    m = bundle.manifest
+    settings = Settings(bundles=[bundle.root], device="cpu", intra_op_threads=cfg.threads, inter_op_threads=1,
+                        max_batch_size=max(max(cfg.batch_sizes), 32), max_queue_delay_ms=cfg.max_queue_delay_ms,
+                        max_queue_size=max(1024, 2 * len(data)))
+    policy = ExitPolicy(cfg.criterion, tuple(thresholds), version=1)
+    engine = Engine([bundle], settings, Metrics(), {bundle.name: policy})
+    reference = _session(bundle.reference_path(), cfg.threads)
+    last = m.num_stages - 1
+    await engine.start()
+    try:
+        async def ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits = reference.run([m.reference.outputs[-1]], {m.input.name: x})[0]
+            return logits.argmax(-1), np.full(len(x), last, np.int32)
+
+        def via_engine(early: bool) -> Callable:
+            async def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                result = await engine.infer(bundle.name, x, early_exit=early)
+                return result.labels, result.exit_stage
+            return call
+
+        calls = {"reference": ref, "full": via_engine(False), "early": via_engine(True)}
+        full_labels = (await engine.infer(bundle.name, data.x, early_exit=False)).labels
+        trials: dict[tuple[str, int], list[Trial]] = {}
+        for batch in cfg.batch_sizes:
+            count = _requests(cfg, batch)
+            for name, call in calls.items():
+                await _timed(call, data, batch, cfg.warmup_requests, 0)
+            for r in range(cfg.repeats):
+                names = list(calls)
+                for name in names[r % 3:] + names[: r % 3]:  # rotate who goes first
+                    trial = await _timed(calls[name], data, batch, count, r * count * batch)
+                    trials.setdefault((name, batch), []).append(trial)
+                    bar.update(1)
+        return trials, full_labels
+    finally:
+        await engine.stop(drain=True)
+
+
+class _HttpClients:
+    """A thread pool whose threads each keep one keep-alive httpx client to the server."""
+
+    def __init__(self, base: str, concurrency: int):
+        import httpx
+
+        self._httpx, self.base, self.concurrency = httpx, base, concurrency
+        self.pool = ThreadPoolExecutor(concurrency)
+        self._local = threading.local()
+        self._clients: list = []
+
+    def client(self):  # noqa: ANN201
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = self._httpx.Client(base_url=self.base, timeout=120.0)
+            self._clients.append(c)
+        return c
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for c in self._clients:
+            c.close()
+
+
+def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dict]], total: int,
+                start: int) -> Trial:
+    from server.protocol import decode_response
+
+    counter = itertools.count()
+    out: list[tuple[int, float, int, int]] = []
+
+    def worker() -> None:
+        client = clients.client()
+        while (k := next(counter)) < total:
+            i = (start + k) % len(bodies)
+            body, headers = bodies[i]
+            t0 = time.perf_counter()
+            response = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+            ms = (time.perf_counter() - t0) * 1e3
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+            _, arrays = decode_response(response.content, response.headers)
+            out.append((i, ms, int(arrays["label"][0]), int(arrays["exit_stage"][0])))
+
+    began = time.perf_counter()
+    for f in [clients.pool.submit(worker) for _ in range(clients.concurrency)]:
+        f.result()
+    seconds = time.perf_counter() - began
+    rows = np.array(out, dtype=np.float64).reshape(-1, 4)
+    return Trial(seconds, rows[:, 1].tolist(), len(out), rows[:, 0].astype(np.int64), rows[:, 2].astype(np.int64),
+                 rows[:, 3].astype(np.int32))
+
+
+def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestData, cfg: BenchConfig,
+                 out: Path, bar) -> dict[tuple[str, int], list[Trial]]:  # noqa: ANN001
+    """Trials of http-full / http-early per concurrency level against one `offramp serve`."""
+    from load_tests.run_locust import serve
+    from server.protocol import encode_request
+
+    binary = cfg.http_format == "binary"
+    bodies = {
+        name: [encode_request(data.x[i : i + 1], input_name,
+                              binary=binary, early_exit=early, binary_output=True if binary else None)
+               for i in range(len(data))]
+        for name, early in (("http-full", False), ("http-early", True))
+    }
+    flags = [f"--intra-op-threads={cfg.threads}", "--inter-op-threads=1", "--device=cpu",
+             f"--max-batch-size={max(32, max(cfg.concurrency))}", f"--max-queue-delay-ms={cfg.max_queue_delay_ms}"]
+    trials: dict[tuple[str, int], list[Trial]] = {}
+    with serve([bundle_dir], out / "server.log", flags=flags) as base:
+        for c in cfg.concurrency:
+            clients = _HttpClients(base, c)
+            try:
+                total = max(cfg.samples_per_trial, 4 * c)
+                for name in bodies:
+                    _http_trial(clients, model, bodies[name], max(c, cfg.warmup_requests), 0)
+                for r in range(cfg.repeats):
+                    names = list(bodies) if r % 2 == 0 else list(bodies)[::-1]
+                    for name in names:
+                        trials.setdefault((name, c), []).append(
+                            _http_trial(clients, model, bodies[name], total, r * total))
+                        bar.update(1)
+            finally:
+                clients.close()
+    return trials
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "system": platform.platform(), "onnxruntime": ort.__version__,
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestData | None = None,
+              progress: bool = True, command: str = "") -> dict:
+    """Measure every configuration, write bench.json, bench.md and the plots into `out`; returns the report."""
+    from tqdm.auto import tqdm
+
+    from load_tests.bench_report import build_report, write_outputs
+    from server.bundle import load_bundle
+    from server.calibrate import calibrate
+
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    if bundle.reference_path() is None:
+        raise ValueError(f"{bundle_dir}: the bundle has no reference.onnx to compare with")
+    data = data if data is not None else digits_test_split()
+    if list(data.x.shape[1:]) != [d for d in m.input.shape[1:]]:
+        raise ValueError(f"request data has samples of shape {list(data.x.shape[1:])}, "
+                         f"the model takes {m.input.shape[1:]}")
+    calibration = calibrate(bundle.calibration(), m, target_agreement=cfg.target_agreement,
+                            criterion=cfg.criterion)
+    thresholds = list(calibration.thresholds)
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(cfg.batch_sizes) * cfg.repeats * 3 + (len(cfg.concurrency) * cfg.repeats * 2 if cfg.http else 0)
+    with tqdm(total=total, desc=f"bench {m.name}", unit="trial", disable=not progress) as bar:
+        trials, full_labels = asyncio.run(measure_in_process(bundle, data, cfg, thresholds, bar))
+        if cfg.http:
+            with tempfile.TemporaryDirectory(prefix="offramp-bench-") as tmp:
+                served = policy_bundle(bundle.root, cfg.criterion, thresholds, Path(tmp) / "bundle")
+                trials |= measure_http(served, m.name, m.input.name, data, cfg, out, bar)
+    report = build_report(m, trials, full_labels, data, calibration.to_dict(), asdict(cfg))
+    report["machine"] = machine()
+    report["bundle"]["path"] = str(bundle_dir)
+    report["command"] = command
+    write_outputs(report, out)
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle", metavar="BUNDLE_OR_PRESET", help=f"bundle directory or preset {PRESETS}")
+    parser.add_argument("--out", type=Path, required=True, help="directory for bench.json, bench.md, *.png")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (tests, smoke checks)")
+    parser.add_argument("--batch", type=int, nargs="+", help="in-process batch sizes (default 1 32)")
+    parser.add_argument("--concurrency", type=int, nargs="+", help="HTTP clients (default 1 4 16 32)")
+    parser.add_argument("--repeats", type=int, help="interleaved repeats per configuration (default 5)")
+    parser.add_argument("--samples", type=int, help="samples per timed trial (default 256)")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads per session (default 1)")
+    parser.add_argument("--max-queue-delay-ms", type=float, help="engine batching delay (default 0)")
+    parser.add_argument("--target-agreement", type=float, help="calibration target (default 0.99)")
+    parser.add_argument("--criterion", help="exit criterion to calibrate (default max_prob)")
+    parser.add_argument("--http-format", choices=["binary", "json"], help="V2 body format (default binary)")
+    parser.add_argument("--no-http", action="store_true", help="in-process configurations only")
+    parser.add_argument("--data", type=Path, help="request data file (default: the digits test split)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    for flag, key in (("batch", "batch_sizes"), ("concurrency", "concurrency"), ("repeats", "repeats"),
+                      ("samples", "samples_per_trial"), ("threads", "threads"),
+                      ("max_queue_delay_ms", "max_queue_delay_ms"), ("target_agreement", "target_agreement"),
+                      ("criterion", "criterion"), ("http_format", "http_format")):
+        if getattr(args, flag) is not None:
+            setattr(cfg, key, getattr(args, flag))
+    cfg.http = not args.no_http
+    return cfg
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from load_tests.bench_report import markdown
+
+    try:
+        cfg = config_from_args(args)
+        bundle_dir = resolve_bundle(args.bundle, progress=not args.quiet)
+        data = read_request_data(args.data) if args.data else None
+        report = run_bench(bundle_dir, args.out, cfg, data=data, progress=not args.quiet,
+                           command="offramp bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.bundle]))
+    except (ValueError, RuntimeError) as err:
+        print(f"offramp bench: {err}", file=sys.stderr)
+        return 2
+    print(markdown(report))
+    print(f"wrote {args.out}/bench.json, bench.md, throughput_latency.png, exit_histogram.png")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `offramp bench` and `offramp loadtest` to the `offramp` command line."""
+    from load_tests import run_locust
+
+    parser = subparsers.add_parser("bench", help="early exit vs full depth, in-process and over HTTP",
+                                   description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.set_defaults(func=run_cli)
+    run_locust.register(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m load_tests.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Stage runtime: sessions per stage, the device strategy (numpy / OrtValue + IO binding), helper graphs.
+
+The CUDA path is the OrtValue path with device "cuda"; here it runs with device "cpu", which
+executes the same binding, gather and concat code with the CPU provider.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from server.bundle import (
+    FORMAT_VERSION,
+    AccuracySpec,
+    InputSpec,
+    Manifest,
+    PolicySpec,
+    StageSpec,
+    TensorSpec,
+    load_bundle,
+    sha256_file,
+    write_manifest,
+)
+from server.runtime import (
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    DeviceError,
+    NumpyOps,
+    OrtStageRunner,
+    OrtValueOps,
+    concat_model,
+    gather_model,
+    resolve_device,
+    session_options,
+)
+from server.settings import Settings
+
+HIDDEN_DIM, CLASSES = 16, 10
+
+
+def _stage_model(index: int, rng: np.random.Generator, head: np.ndarray) -> onnx.ModelProto:
+    """A small dense stage (residual after stage 0, heads alike, so labels often persist across
+    exits) with every optional output: gate (all stages), similarity (stages > 0)."""
+    f = TensorProto.FLOAT
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.4, (64 if index == 0 else HIDDEN_DIM, HIDDEN_DIM))
+                                .astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.2, HIDDEN_DIM).astype(np.float32), "b"),
+        numpy_helper.from_array((head + rng.normal(0, 0.3, head.shape)).astype(np.float32), "head"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (HIDDEN_DIM, 1)).astype(np.float32), "g"),
+        numpy_helper.from_array(np.array([-1], np.int64), "vec"),
+    ]
+    src = "pixels" if index == 0 else "hidden_in"
+    nodes = []
+    if index == 0:
+        nodes.append(helper.make_node("Reshape", ["pixels", "flat"], ["x"]))
+        nodes.append(helper.make_node("Mul", ["x", "scale"], ["xs"]))
+        inits.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "flat"))
+        inits.append(numpy_helper.from_array(np.array(1 / 16, np.float32), "scale"))
+        first = "xs"
+    else:
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+        nodes.append(helper.make_node("Add", [src, "delta"], ["hidden"]))
+        first = src
+    nodes += [
+        helper.make_node("MatMul", [first, "w"], ["pre"]),
+        helper.make_node("Add", ["pre", "b"], ["pre_b"]),
+        helper.make_node("Tanh", ["pre_b"], ["hidden"] if index == 0 else ["delta"]),
+        helper.make_node("MatMul", ["hidden", "head"], ["logits"]),
+        helper.make_node("MatMul", ["hidden", "g"], ["g_raw"]),
+        helper.make_node("Sigmoid", ["g_raw"], ["g_sig"]),
+        helper.make_node("Reshape", ["g_sig", "vec"], ["gate"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("hidden", f, ["N", HIDDEN_DIM]),
+        helper.make_tensor_value_info("logits", f, ["N", CLASSES]),
+        helper.make_tensor_value_info("gate", f, ["N"]),
+    ]
+    if index > 0:
+        nodes += [
+            helper.make_node("Mul", [src, "hidden"], ["ab"]),
+            helper.make_node("ReduceSum", ["ab", "axis1"], ["dot"], keepdims=0),
+            helper.make_node("Mul", [src, src], ["aa"]),
+            helper.make_node("ReduceSum", ["aa", "axis1"], ["na2"], keepdims=0),
+            helper.make_node("Mul", ["hidden", "hidden"], ["bb"]),
+            helper.make_node("ReduceSum", ["bb", "axis1"], ["nb2"], keepdims=0),
+            helper.make_node("Mul", ["na2", "nb2"], ["n2"]),
+            helper.make_node("Sqrt", ["n2"], ["norm"]),
+            helper.make_node("Div", ["dot", "norm"], ["similarity"]),
+        ]
+        outputs.append(helper.make_tensor_value_info("similarity", f, ["N"]))
+    shape = ["N", 8, 8] if index == 0 else ["N", HIDDEN_DIM]
+    inputs = [helper.make_tensor_value_info(src, f, shape)]
+    graph = helper.make_graph(nodes, f"stage_{index}", inputs, outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def build_onnx_bundle(root: Path, num_stages: int = 3, seed: int = 0) -> Path:
+    """A verified bundle built with onnx.helper in milliseconds (no torch): input `pixels` [-1, 8, 8]."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    head = rng.normal(0, 1.5, (HIDDEN_DIM, CLASSES))
+    stages = []
+    for i in range(num_stages):
+        path = root / f"stage_{i:02d}.onnx"
+        onnx.save(_stage_model(i, rng, head), str(path))
+        outputs = [TensorSpec(name="hidden", shape=[-1, HIDDEN_DIM]),
+                   TensorSpec(name="logits", shape=[-1, CLASSES]), TensorSpec(name="gate", shape=[-1])]
+        if i > 0:
+            outputs.append(TensorSpec(name="similarity", shape=[-1]))
+        inputs = [TensorSpec(name="pixels", shape=[-1, 8, 8])] if i == 0 else [
+            TensorSpec(name="hidden_in", shape=[-1, HIDDEN_DIM])]
+        stages.append(StageSpec(index=i, file=path.name, sha256=sha256_file(path), blocks=[i], inputs=inputs,
+                                outputs=outputs, flops=1000 * (i + 1), params=100))
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, name="helper-dense", labels=[str(c) for c in range(CLASSES)],
+        input=InputSpec(name="pixels", shape=[-1, 8, 8]), stages=stages,
+        default_policy=PolicySpec(criterion="max_prob", thresholds=[0.6] * (num_stages - 1)),
+        accuracy=AccuracySpec(samples=0, per_stage=[0.0] * num_stages), calibration=None,
+    )
+    write_manifest(root, manifest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory):
+    return load_bundle(build_onnx_bundle(tmp_path_factory.mktemp("helper") / "bundle"))
+
+
+def _direct(bundle, x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """Every stage's outputs, running the stage files directly with onnxruntime."""
+    outs, feed = [], {"pixels": x}
+    for i in range(bundle.manifest.num_stages):
+        sess = ort.InferenceSession(str(bundle.stage_path(i)), providers=[CPU_PROVIDER])
+        names = [o.name for o in sess.get_outputs()]
+        values = dict(zip(names, sess.run(names, feed), strict=True))
+        outs.append(values)
+        feed = {"hidden_in": values["hidden"]}
+    return outs
+
+
+def _pixels(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 16, (n, 8, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bind_device", [None, "cpu"], ids=["numpy", "iobinding"])
+def test_runner_reproduces_the_stage_files(onnx_bundle, bind_device: str | None) -> None:
+    runner = OrtStageRunner(onnx_bundle, Settings(device="cpu", intra_op_threads=1), bind_device=bind_device)
+    x = _pixels(5)
+    want = _direct(onnx_bundle, x)
+    h = x
+    for k in range(3):
+        out = runner.run(k, h)
+        np.testing.assert_allclose(out.logits, want[k]["logits"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.gate, want[k]["gate"], rtol=1e-5, atol=1e-6)
+        if k > 0:
+            np.testing.assert_allclose(out.similarity, want[k]["similarity"], rtol=1e-5, atol=1e-6)
+        else:
+            assert out.similarity is None
+        if k < 2:
+            assert runner.rows(out.hidden) == 5
+            assert isinstance(out.hidden, ort.OrtValue if bind_device else np.ndarray)
+        else:
+            assert out.hidden is None  # nobody reads the last hidden state: never fetched
+        h = out.hidden
+    assert runner.device == "cpu" and runner.providers == [CPU_PROVIDER]
+
+
+def test_survivor_selection_and_merge_on_the_device_path_match_numpy(onnx_bundle) -> None:
+    settings = Settings(device="cpu", intra_op_threads=1)
+    plain = OrtStageRunner(onnx_bundle, settings)
+    bound = OrtStageRunner(onnx_bundle, settings, bind_device="cpu")
+    a, b = _pixels(6, seed=2), _pixels(3, seed=3)
+    rows_a, rows_b = np.array([5, 0, 3]), np.array([1])
+    def merged(runner: OrtStageRunner):  # survivors of two batches, merged
+        return runner.concat([runner.take(runner.run(0, a).hidden, rows_a),
+                              runner.take(runner.run(0, b).hidden, rows_b)])
+
+    merged_plain, merged_bound = merged(plain), merged(bound)
+    assert isinstance(merged_bound, ort.OrtValue) and merged_bound.shape() == [4, HIDDEN_DIM]
+    np.testing.assert_allclose(merged_bound.numpy(), merged_plain, rtol=1e-6)
+    np.testing.assert_allclose(bound.run(1, merged_bound).logits, plain.run(1, merged_plain).logits,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64])
+@pytest.mark.parametrize("shape", [(7, 5), (7, 3, 4)])
+def test_gather_and_concat_graphs_equal_numpy(dtype: type, shape: tuple[int, ...]) -> None:
+    ops, ref = OrtValueOps("cpu", 0, session_options(Settings(intra_op_threads=1))), NumpyOps()
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=shape) * 10).astype(dtype)
+    value = ops.to_device(data)
+    for rows in (np.array([3]), np.array([6, 0, 2]), np.arange(7), np.array([1, 1, 4])):
+        got = ops.take(value, rows)
+        assert isinstance(got, ort.OrtValue)
+        np.testing.assert_array_equal(got.numpy(), ref.take(data, rows))
+    for count in (2, 3, 5):
+        parts = [(rng.normal(size=(i + 1, *shape[1:])) * 10).astype(dtype) for i in range(count)]
+        got = ops.concat([ops.to_device(p) for p in parts])
+        np.testing.assert_array_equal(got.numpy(), ref.concat(parts))
+        assert ops.rows(got) == sum(len(p) for p in parts)
+    assert len(ops._concat) == 3  # one cached graph per input count (and element type)
+    # host arrays (stage 0 inputs) stay on the host
+    assert isinstance(ops.take(data, np.array([0])), np.ndarray)
+    assert isinstance(ops.concat([data, data]), np.ndarray)
+
+
+def test_helper_graphs_are_valid_onnx_for_old_runtimes() -> None:
+    for model in (gather_model(TensorProto.FLOAT, 2), concat_model(4, TensorProto.FLOAT16, 3)):
+        onnx.checker.check_model(model)
+        assert model.ir_version <= 8 and model.opset_import[0].version <= 13
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("auto", [CPU_PROVIDER]) == "cpu"
+    assert resolve_device("auto", [CUDA_PROVIDER, CPU_PROVIDER]) == "cuda"
+    assert resolve_device("cpu", [CUDA_PROVIDER, CPU_PROVIDER]) == "cpu"
+    assert resolve_device("cuda", [CUDA_PROVIDER, CPU_PROVIDER]) == "cuda"
+    with pytest.raises(DeviceError, match="onnxruntime-gpu"):
+        resolve_device("cuda", [CPU_PROVIDER])
+
+
+def test_cuda_requested_without_cuda_is_a_clear_error(onnx_bundle) -> None:
+    if CUDA_PROVIDER in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(DeviceError, match="device=cuda"):
+        OrtStageRunner(onnx_bundle, Settings(device="cuda"))
+
+
+def test_session_options_never_spin_and_take_thread_counts_from_settings() -> None:
+    so = session_options(Settings(intra_op_threads=3, inter_op_threads=2))
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert so.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (3, 2)
+
+
+@pytest.mark.skipif(CUDA_PROVIDER not in ort.get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_keeps_the_hidden_state_on_the_gpu(onnx_bundle) -> None:
+    gpu = OrtStageRunner(onnx_bundle, Settings(device="cuda"))
+    cpu = OrtStageRunner(onnx_bundle, Settings(device="cpu"))
+    assert gpu.device == "cuda" and gpu.providers[0] == CUDA_PROVIDER
+    a, b = _pixels(6, seed=2), _pixels(3, seed=3)
+    out_a, out_b = gpu.run(0, a), gpu.run(0, b)
+    assert isinstance(out_a.hidden, ort.OrtValue) and out_a.hidden.device_name().lower() == "cuda"
+    assert isinstance(out_a.logits, np.ndarray)
+    merged = gpu.concat([gpu.take(out_a.hidden, np.array([5, 0, 3])), gpu.take(out_b.hidden, np.array([1]))])
+    assert merged.device_name().lower() == "cuda" and merged.shape() == [4, HIDDEN_DIM]
+    want = cpu.concat([cpu.take(cpu.run(0, a).hidden, np.array([5, 0, 3])),
+                       cpu.take(cpu.run(0, b).hidden, np.array([1]))])
+    np.testing.assert_allclose(merged.numpy(), want, atol=1e-4)
+    last = gpu.run(2, gpu.run(1, merged).hidden)
+    want_last = cpu.run(2, cpu.run(1, want).hidden)
+    assert last.hidden is None
+    np.testing.assert_allclose(last.logits, want_last.logits, atol=1e-3)
+    np.testing.assert_allclose(last.similarity, want_last.similarity, atol=1e-4)
