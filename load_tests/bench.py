@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import sys
@@ -156,9 +155,11 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
     from server.settings import Settings
 
     m = bundle.manifest
-    settings = Settings(bundles=[bundle.root], device="cpu", intra_op_threads=cfg.threads, inter_op_threads=1,
-                        max_batch_size=max(max(cfg.batch_sizes), 32), max_queue_delay_ms=cfg.max_queue_delay_ms,
-                        max_queue_size=max(1024, 2 * len(data)))
+    settings = Settings(
+        bundles=[bundle.root], device="cpu", intra_op_threads=cfg.threads, inter_op_threads=1,
+        max_batch_size=max(max(cfg.batch_sizes), 32), max_queue_delay_ms=cfg.max_queue_delay_ms,
+        max_queue_size=max(1024, 2 * len(data)),
+    )
     policy = ExitPolicy(cfg.criterion, tuple(thresholds), version=1)
     engine = Engine([bundle], settings, Metrics(), {bundle.name: policy})
     reference = _session(bundle.reference_path(), cfg.threads)
@@ -180,7 +181,7 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
         trials: dict[tuple[str, int], list[Trial]] = {}
         for batch in cfg.batch_sizes:
             count = _requests(cfg, batch)
-            for name, call in calls.items():
+            for call in calls.values():
                 await _timed(call, data, batch, cfg.warmup_requests, 0)
             for r in range(cfg.repeats):
                 names = list(calls)
@@ -242,8 +243,8 @@ def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dic
         f.result()
     seconds = time.perf_counter() - began
     rows = np.array(out, dtype=np.float64).reshape(-1, 4)
-    return Trial(seconds, rows[:, 1].tolist(), len(out), rows[:, 0].astype(np.int64), rows[:, 2].astype(np.int64),
-                 rows[:, 3].astype(np.int32))
+    return Trial(seconds, rows[:, 1].tolist(), len(out), rows[:, 0].astype(np.int64),
+                 rows[:, 2].astype(np.int64), rows[:, 3].astype(np.int32))
 
 
 def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestData, cfg: BenchConfig,
@@ -260,7 +261,8 @@ def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestDat
         for name, early in (("http-full", False), ("http-early", True))
     }
     flags = [f"--intra-op-threads={cfg.threads}", "--inter-op-threads=1", "--device=cpu",
-             f"--max-batch-size={max(32, max(cfg.concurrency))}", f"--max-queue-delay-ms={cfg.max_queue_delay_ms}"]
+             f"--max-batch-size={max(32, max(cfg.concurrency))}",
+             f"--max-queue-delay-ms={cfg.max_queue_delay_ms}"]
     trials: dict[tuple[str, int], list[Trial]] = {}
     with serve([bundle_dir], out / "server.log", flags=flags) as base:
         for c in cfg.concurrency:
@@ -284,13 +286,14 @@ def machine() -> dict:
     import onnxruntime as ort
 
     return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "system": platform.platform(), "onnxruntime": ort.__version__,
+            "python": platform.python_version(), "system": platform.platform(),
+            "onnxruntime": ort.__version__,
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestData | None = None,
               progress: bool = True, command: str = "") -> dict:
-    """Measure every configuration, write bench.json, bench.md and the plots into `out`; returns the report."""
+    """Measure every configuration; write bench.json, bench.md and the plots into `out`; return it."""
     from tqdm.auto import tqdm
 
     from load_tests.bench_report import build_report, write_outputs
@@ -309,7 +312,8 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
                             criterion=cfg.criterion)
     thresholds = list(calibration.thresholds)
     out.mkdir(parents=True, exist_ok=True)
-    total = len(cfg.batch_sizes) * cfg.repeats * 3 + (len(cfg.concurrency) * cfg.repeats * 2 if cfg.http else 0)
+    total = len(cfg.batch_sizes) * cfg.repeats * 3
+    total += len(cfg.concurrency) * cfg.repeats * 2 if cfg.http else 0
     with tqdm(total=total, desc=f"bench {m.name}", unit="trial", disable=not progress) as bar:
         trials, full_labels = asyncio.run(measure_in_process(bundle, data, cfg, thresholds, bar))
         if cfg.http:
@@ -361,8 +365,9 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         bundle_dir = resolve_bundle(args.bundle, progress=not args.quiet)
         data = read_request_data(args.data) if args.data else None
+        argv = sys.argv[sys.argv.index(args.bundle):] if args.bundle in sys.argv else [args.bundle]
         report = run_bench(bundle_dir, args.out, cfg, data=data, progress=not args.quiet,
-                           command="offramp bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else [args.bundle]))
+                           command="offramp bench " + " ".join(argv))
     except (ValueError, RuntimeError) as err:
         print(f"offramp bench: {err}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ def read_request_data(path: str | Path) -> RequestData:
     path = Path(path)
     _check(path)
     if not path.is_file():
-        raise ValueError(f"{path}: request data file does not exist (write it with `python -m load_tests.data`)")
+        raise ValueError(f"{path}: request data file does not exist; `python -m load_tests.data` writes one")
     if path.suffix == ".npy":
         x, y = np.load(path, allow_pickle=False), None
     elif path.suffix == ".npz":

@@ -13,8 +13,9 @@ patch_size=4)` builds the 4x4 variant where the time is there.
 
 The upscaling is bilinear, done inside stage 0 (like the normalisation), so the bundle's input is
 the same `pixels` FP32 [-1, 8, 8] as the demo's and the same load-test data works for both.
-`model_export.vit.PatchEmbed` has no upscaling, so `UpsamplingPatchEmbed` adds it by subclassing;
-the checkpoint records it in `ViTConfig.extra["upsample_from"]`.
+`model_export.vit.PatchEmbed` has no upscaling, so `UpsamplingPatchEmbed` adds it by subclassing.
+`ViTConfig` cannot record it, so `checkpoint.pt` beside the bundle reloads only through
+`build_heavy_model(...).load_state_dict(...)`, not `model_export.checkpoint.load_checkpoint`.
 
 `ensure_heavy_bundle(cache_dir)` builds `<cache_dir>/heavy` on first use (train, export, check)
 and reuses it afterwards; training is sized to finish in under 15 minutes on 2 CPU cores.
@@ -90,7 +91,6 @@ def build_heavy_model(input_mean: float = 0.0, input_std: float = 1.0, **overrid
         **{**HEAVY_CONFIG, **overrides},
         input_mean=input_mean,
         input_std=input_std,
-        extra={"upsample_from": list(RAW_SIZE), "upsample_mode": "bilinear"},
     )
     model = MultiExitViT(cfg)
     model.embed = _upsampling_embed_class()(cfg)

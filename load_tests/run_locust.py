@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,7 +80,8 @@ def metrics_delta(before: MetricsSnapshot, after: MetricsSnapshot, model: str) -
     """What happened to `model` between two scrapes: exit histogram, requests, compute fraction."""
     b_exits, a_exits = before.exits.get(model, {}), after.exits.get(model, {})
     stages = sorted(set(a_exits) | set(b_exits))
-    counts = [int(round(a_exits.get(k, 0.0) - b_exits.get(k, 0.0))) for k in range(max(stages, default=-1) + 1)]
+    last = max(stages, default=-1)
+    counts = [int(round(a_exits.get(k, 0.0) - b_exits.get(k, 0.0))) for k in range(last + 1)]
     total = sum(counts)
     b_req, a_req = before.requests.get(model, {}), after.requests.get(model, {})
     requests = {k: int(round(a_req.get(k, 0.0) - b_req.get(k, 0.0))) for k in sorted(set(a_req) | set(b_req))}
@@ -98,6 +98,8 @@ def metrics_delta(before: MetricsSnapshot, after: MetricsSnapshot, model: str) -
 
 
 def scrape(base_url: str, timeout: float = 10.0) -> MetricsSnapshot:
+    import httpx  # the `load`/`test` extra; imported late so `offramp --help` works without it
+
     response = httpx.get(f"{base_url}/metrics", timeout=timeout)
     response.raise_for_status()
     return parse_metrics(response.text)
@@ -111,7 +113,7 @@ def read_locust_stats(stats_csv: Path) -> list[dict]:
     rows = []
     with open(stats_csv, newline="") as f:
         for row in csv.DictReader(f):
-            def num(key: str) -> float | None:
+            def num(key: str, row: dict = row) -> float | None:
                 value = row.get(key, "")
                 return None if value in ("", "N/A") else float(value)
 
@@ -130,7 +132,8 @@ def summary_markdown(summary: dict) -> str:
     lines = [
         f"# Load test: {cfg['model']} at {cfg['host']}",
         "",
-        f"{cfg['users']} users (spawn rate {cfg['spawn_rate']}/s), {cfg['run_time']}, format {cfg['format']}, "
+        f"{cfg['users']} users (spawn rate {cfg['spawn_rate']}/s), {cfg['run_time']}, "
+        f"format {cfg['format']}, "
         f"early_exit {cfg['early_exit']}, tags {cfg['tags'] or 'all'}.",
         "",
         "| request | requests | failures | req/s | p50 (ms) | p95 (ms) | p99 (ms) |",
@@ -176,6 +179,8 @@ def serve(bundles: Sequence[Path], log_path: Path, *, flags: Sequence[str] = (),
 
     The server gets its own empty state directory, so a policy persisted by an earlier run never
     replaces the bundle's; it is stopped by its pid (SIGTERM, then SIGKILL after 30 s)."""
+    import httpx
+
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     state = log_path.parent / f".state-{port}"
@@ -191,14 +196,14 @@ def serve(bundles: Sequence[Path], log_path: Path, *, flags: Sequence[str] = (),
         while True:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"offramp serve exited with {proc.returncode} before it was ready:\n{tail}")
+                raise RuntimeError(f"offramp serve exited with {proc.returncode} before ready:\n{tail}")
             try:
                 if httpx.get(f"{base}/v2/health/ready", timeout=2.0).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"offramp serve was not ready within {ready_timeout_s:g} s (log: {log_path})")
+                raise RuntimeError(f"offramp serve not ready within {ready_timeout_s:g} s (log: {log_path})")
             time.sleep(0.2)
         yield base
     finally:
@@ -278,7 +283,7 @@ def run_loadtest(host: str, model: str, data: Path, out: Path, *, users: int = 1
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--host", default="http://127.0.0.1:8000", help="server base URL (default %(default)s)")
+    target.add_argument("--host", default="http://127.0.0.1:8000", help="server URL (default %(default)s)")
     target.add_argument("--bundle", type=Path, action="append", help="start `offramp serve` on this bundle")
     parser.add_argument("--model", help="model name (default: the bundle's name, else digits-vit)")
     parser.add_argument("--data", type=Path, required=True, help="request data (python -m load_tests.data)")
@@ -286,16 +291,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=16, help="concurrent users (default %(default)s)")
     parser.add_argument("--spawn-rate", type=float, default=8.0, help="users started per second")
     parser.add_argument("--run-time", default="30s", help="run time, e.g. 30s, 2m (default %(default)s)")
-    parser.add_argument("--tags", nargs="*", default=[], help="task tags to run: single, batch, batch8, batch32")
+    parser.add_argument("--tags", nargs="*", default=[], help="tags to run: single batch batch8 batch32")
     parser.add_argument("--exclude-tags", nargs="*", default=[], help="task tags to leave out")
     parser.add_argument("--format", choices=["json", "binary"], default="json", help="V2 body format")
     parser.add_argument("--full-depth", action="store_true", help="send early_exit: false")
     parser.add_argument("--allow-remote", action="store_true", help="allow a host other than 127.0.0.1")
     parser.add_argument("--serve-flag", action="append", default=[], metavar="FLAG",
-                        help="extra `offramp serve` flag with --bundle, e.g. --serve-flag=--max-batch-size=64")
+                        help="extra `offramp serve` flag with --bundle, e.g. --serve-flag=--max-batch-size=8")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    import httpx
+
     def go(host: str, model: str) -> dict:
         return run_loadtest(host, model, args.data, args.out, users=args.users, spawn_rate=args.spawn_rate,
                             run_time=args.run_time, tags=args.tags, exclude_tags=args.exclude_tags,

@@ -91,7 +91,10 @@ def ensure_demo_bundle(cache_dir: Path, *, progress: bool = True) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=cache_dir))
     try:
         build_demo_bundle(tmp, progress=progress)
-        if target.exists():  # a leftover without a manifest: not a bundle, replace it
+        if (target / "manifest.json").is_file():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+            return target
+        if target.exists():  # a leftover without a manifest is not a bundle: replace it
             shutil.rmtree(target)
         tmp.rename(target)
     except BaseException:

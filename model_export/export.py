@@ -32,6 +32,7 @@ from model_export.vit import MultiExitViT
 from server.bundle import (
     CALIBRATION,
     FORMAT_VERSION,
+    HIDDEN,
     HIDDEN_IN,
     LOGITS,
     MANIFEST,
@@ -186,8 +187,8 @@ def check_export(
                         cfg.atol,
                     )
                 )
-                chained = chain_out["hidden"]
-                torch_in = torch.from_numpy(want["hidden"])
+                chained = chain_out[HIDDEN]
+                torch_in = torch.from_numpy(want[HIDDEN])
         if ref is not None:
             for i, got_ref in enumerate(ref.run(None, {cfg.input_name: xb})):
                 problems.append(
@@ -218,7 +219,7 @@ def stage_outputs(model: MultiExitViT, x: np.ndarray, batch: int = 256) -> dict[
         per_stage: dict[str, list[np.ndarray]] = {LOGITS: [], SIMILARITY: [], "gate": []}
         for i in range(model.num_stages):
             out = model.forward_segment(i, h)
-            h = out["hidden"]
+            h = out[HIDDEN]
             per_stage[LOGITS].append(out[LOGITS].numpy())
             per_stage[SIMILARITY].append(
                 out[SIMILARITY].numpy() if i > 0 else np.full(len(h), np.nan, np.float32)
@@ -302,7 +303,7 @@ def export_bundle(
                     head=model.cfg.head,
                 )
             )
-            h, h1 = outs["hidden"], model.forward_segment(i, h1)["hidden"]
+            h, h1 = outs[HIDDEN], model.forward_segment(i, h1)[HIDDEN]
         ref_outputs = [reference_output(i) for i in range(model.num_stages)]
         _onnx_export(_Reference(model), example, out / REFERENCE, [cfg.input_name], ref_outputs, cfg)
     check_export(model, out, splits.test.x, cfg)

@@ -17,8 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-LOGITS = "logits"
-GATE = "gate"
+from server.bundle import LOGITS
 
 
 class ExitHead(nn.Module):

@@ -16,17 +16,15 @@ tensors one exported stage outputs; `forward` runs every stage and returns every
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_export.heads import GATE, LOGITS, build_head
-
-HIDDEN = "hidden"
-SIMILARITY = "similarity"
+from model_export.heads import build_head
+from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,6 @@ class ViTConfig:
     input_std: float = 1.0
     """... then standardised with these (statistics of the training split)."""
     dropout: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         size = self.img_size

@@ -29,8 +29,9 @@ from server.admin import build_admin_router
 from server.bundle import Bundle, load_bundle
 from server.errors import BadRequest, BundleError, NotFound, OfframpError, PayloadTooLarge
 from server.metrics import Metrics
+from server.redis_store import PolicySync, RedisPolicyStore
 from server.settings import Settings
-from server.store import FilePolicyStore, startup_policy
+from server.store import FilePolicyStore, PolicyStore, startup_policy
 
 log = logging.getLogger("offramp.app")
 T = TypeVar("T")
@@ -204,16 +205,34 @@ async def _http_error(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
 
 
+def build_store(settings: Settings, metrics: Metrics) -> PolicyStore:
+    """The policy store: Redis, shared by a replica set, when `store_url` is set; else the state
+    directory. The Redis store keeps a copy of the last policy seen in the state directory."""
+    if settings.store_url is None:
+        metrics.store_up("file", True)
+        return FilePolicyStore(settings.resolved_state_dir)
+    store = RedisPolicyStore(  # imports redis-py, the optional `redis` extra
+        settings.store_url.get_secret_value(), metrics=metrics, last_known_dir=settings.resolved_state_dir,
+    )
+    log.info("exit policies live in the shared store %s", store.where)
+    return store
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine: EngineLike = app.state.engine
     await engine.start()
     log.info("serving models %s", engine.model_names())
+    sync = app.state.policy_sync
+    if sync is not None:
+        sync.start()  # from now on, changes made through other replicas apply here too
     try:
         yield
     finally:
         # uvicorn runs this after the connections with requests in flight have been answered.
         app.state.draining = True
+        if sync is not None:
+            await run_in_threadpool(sync.stop)
         await engine.stop(drain=True)
         log.info("engine stopped")
 
@@ -224,20 +243,25 @@ def create_app(
     """Build the app. Without `engine`, load and verify the configured bundles (or the demo
     bundle) and build the engine; its sessions start when the app starts."""
     metrics = metrics if metrics is not None else Metrics()
-    store = FilePolicyStore(settings.resolved_state_dir)
+    store = build_store(settings, metrics)
     if engine is None:
         from server.engine import Engine  # onnxruntime loads here, not when the CLI parses flags
 
         bundles = load_bundles(settings)
         # The live policy survives restarts: start from what operators last set, else the bundle default.
-        policies = {b.name: startup_policy(store, b.manifest) for b in bundles}
+        # With Redis down that is this replica's last known policy (server.redis_store).
+        policies = {b.name: store.startup_policy(b.manifest) if isinstance(store, RedisPolicyStore)
+                    else startup_policy(store, b.manifest) for b in bundles}
         engine = Engine(bundles, settings, metrics, policies)
+    # Several replicas, one store: changes made through the others apply here too.
+    policy_sync = PolicySync(store, engine) if isinstance(store, RedisPolicyStore) else None
 
     app = FastAPI(title="offramp", version=__version__, lifespan=_lifespan)
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False  # set on SIGTERM (server.cli) so /v2/health/ready turns 503 at once
+    app.state.policy_sync = policy_sync
 
     app.include_router(v2)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)

@@ -89,6 +89,11 @@ class Metrics:
             "offramp_shadow_disagreements", "Shadow-checked early exits that disagree with full depth.",
             ["model"], registry=r,
         )
+        self.policy_store_up = Gauge(
+            "offramp_policy_store_up",
+            "1 while the policy store answers, 0 while it does not (this replica keeps its last policy).",
+            ["store"], registry=r,
+        )
 
     @_never_raises
     def request_done(self, model: str, outcome: str, latency_s: float | None = None) -> None:
@@ -122,6 +127,10 @@ class Metrics:
         self.policy_version.labels(model).set(version)
         for stage, t in enumerate(thresholds):
             self.exit_threshold.labels(model, str(stage)).set(float("nan") if t is None else float(t))
+
+    @_never_raises
+    def store_up(self, store: str, up: bool) -> None:
+        self.policy_store_up.labels(store).set(1.0 if up else 0.0)
 
     @_never_raises
     def shadow(self, model: str, checked: int, disagreements: int) -> None:

@@ -5,6 +5,7 @@ Live state (exit thresholds) does not live here: it lives in the policy store.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+STORE_SCHEMES = ("redis", "rediss", "unix")
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "admin", "password", "xxx"}
 
 
@@ -63,6 +65,12 @@ class Settings(BaseSettings):
     state_dir: Path | None = None
     """Where live exit policies are persisted (atomic writes). None: `<cache_dir>/state`."""
 
+    store_url: SecretStr | None = None
+    """Shared policy store for a replica set, e.g. `redis://redis:6379/0` (also `rediss://` and
+    `unix://`; credentials as `redis://:PASSWORD@host:6379/0`). A change through any replica's admin
+    API then reaches every replica within a second. Unset: each replica keeps its policy in
+    `state_dir`. Needs the `redis` extra. Secret: logs show only scheme, host, port and database."""
+
     admin_token: SecretStr | None = None
     """Bearer token for `/admin`. Unset: the admin API is off (403). Never logged."""
 
@@ -86,6 +94,21 @@ class Settings(BaseSettings):
         if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
             raise ValueError("admin_token is a placeholder; set a real secret or leave it unset")
         return value
+
+    @field_validator("store_url", mode="after")
+    @classmethod
+    def _check_store_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        url = value.get_secret_value().strip()
+        if not url:
+            return None
+        if url.split("://", 1)[0] not in STORE_SCHEMES or "://" not in url:
+            schemes = ", ".join(s + "://" for s in STORE_SCHEMES)
+            raise ValueError(f"store_url must start with one of {schemes}")
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError("store_url needs the redis client: pip install 'offramp[redis]'")
+        return SecretStr(url)
 
     @property
     def resolved_state_dir(self) -> Path:

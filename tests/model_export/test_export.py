@@ -20,7 +20,10 @@ from model_export.export import (  # noqa: E402
     agreement_thresholds,
     check_export,
     exit_shares,
+    export_bundle,
 )
+from model_export.heads import HEADS  # noqa: E402
+from model_export.vit import vit  # noqa: E402
 from server.bundle import load_bundle  # noqa: E402
 from server.errors import BundleError  # noqa: E402
 
@@ -147,3 +150,15 @@ def test_agreement_thresholds_keep_the_target() -> None:
     assert abs(sum(shares) - 1) < 1e-9
     assert agreement >= 0.95
     assert shares[1] > 0.1  # the agreeing exit is used
+
+
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_every_registered_head_exports_a_loadable_bundle(head: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = vit("tiny", depth=2, head=head).eval()
+    out = export_bundle(
+        model, tmp_path / head, load_digits_splits(), name=f"head-{head}", cfg=EXPORT_CONFIGS["vit-digits"]
+    )
+    stages = load_bundle(out).manifest.stages
+    assert [s.head for s in stages] == [head, head]
+    assert ("gate" in stages[0].output_names()) == model.has_gate

@@ -1,0 +1,392 @@
+"""Redis-backed policy store: one live exit policy per model, shared by every replica.
+
+A replica set must act as one service: a change through any replica's admin API reaches every
+replica within a second and survives restarts of any of them. Per model (the `{model}` hash tag
+keeps a model's keys in one Redis Cluster slot):
+
+    offramp:{<model>}:policy    the current record, JSON (criterion, thresholds, version, updated_at, source)
+    offramp:{<model>}:history   every change, oldest first (the last MAX_HISTORY)
+    offramp:policy:<model>      pub/sub channel: each change publishes its version
+
+`update` is a compare-and-set in one Lua script (read the version, check it, write, append,
+publish), so two replicas can never both win the same version and a change is never stored
+without its notification. `PolicySync` keeps one replica's engine in step: a thread subscribed to
+its models' channels applies a change within milliseconds, and polls every few seconds as a safety
+net for notifications lost while disconnected.
+
+Redis down: the engine keeps the policy it has (requests never wait on Redis), a warning is logged
+once per outage, `offramp_policy_store_up{store="redis"}` reads 0, admin calls answer 503 after a
+short socket timeout instead of hanging, and the thread reconnects with backoff. A replica that
+starts while Redis is down serves the last policy it saw (a copy in its state directory), else
+the bundle default, and follows the store once it answers.
+
+redis-py is imported when a store is built, so the server imports without the `redis` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from server.admin import AdminEngine
+from server.bundle import Manifest, PolicySpec
+from server.errors import NotReady, PreconditionFailed
+from server.metrics import Metrics
+from server.policy import ExitPolicy
+from server.store import (
+    MAX_HISTORY,
+    SOURCE_DEFAULT,
+    PolicyRecord,
+    _describe,
+    _first_line,
+    _fsync_dir,
+    _stored,
+    _StoredPolicy,
+    now_iso,
+    startup_policy,
+)
+
+if TYPE_CHECKING:
+    import redis
+
+log = logging.getLogger("offramp.store.redis")
+
+STORE_NAME = "redis"  # the `store` label of offramp_policy_store_up
+SOURCE_SEED = "replica-seed (the store had no policy)"
+CAS_ATTEMPTS = 20
+
+# KEYS: current, history. ARGV: the version the new record is based on, the record (JSON),
+# history cap, channel. Returns -1 when written, else the current version (nothing written).
+CAS_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+local version = 0
+if current then version = tonumber(cjson.decode(current)['version']) end
+if version ~= tonumber(ARGV[1]) then return version end
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
+redis.call('PUBLISH', ARGV[4], version + 1)
+return -1
+"""
+
+
+class StoreUnavailable(NotReady):
+    """The policy store did not answer: nothing was read or changed (503)."""
+
+
+def redacted_url(url: str) -> str:
+    """Where the store is, for logs and errors: scheme, host, port, database; never credentials."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        port = "?"
+    return f"{parts.scheme}://{parts.hostname or 'localhost'}:{port}{parts.path or '/0'}"
+
+
+class RedisPolicyStore:
+    """`PolicyStore` on Redis (see the module docstring for the layout)."""
+
+    name = STORE_NAME
+
+    def __init__(self, url: str, *, metrics: Metrics | None = None, last_known_dir: str | Path | None = None,
+                 timeout_s: float = 1.0, prefix: str = "offramp"):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        try:
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ModuleNotFoundError as err:
+            raise ImportError("a redis:// store_url needs the redis client: pip install 'offramp[redis]'") \
+                from err
+        self._redis = redis
+        self.where = redacted_url(url)
+        # Short timeouts and one immediate retry (a pooled connection may predate a Redis restart):
+        # an admin call with Redis down answers 503 in about a second instead of hanging.
+        self.client: redis.Redis = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1), health_check_interval=30,
+        )
+        self._cas = self.client.register_script(CAS_SCRIPT)
+        self.prefix = prefix
+        self.metrics = metrics
+        self.last_known_dir = None if last_known_dir is None else Path(last_known_dir)
+        self._up: bool | None = None
+        self._lock = threading.Lock()
+        self._remembered: dict[str, int] = {}
+
+    def key(self, model: str, what: str) -> str:
+        return f"{self.prefix}:{{{model}}}:{what}"
+
+    def channel(self, model: str) -> str:
+        return f"{self.prefix}:policy:{model}"
+
+    # -- the protocol ------------------------------------------------------------------------------
+
+    def load(self, model: str, default: PolicySpec, source: str = SOURCE_DEFAULT) -> PolicyRecord:
+        record = self.get(model)
+        if record is not None:
+            return record
+        first = PolicyRecord(default.criterion, tuple(default.thresholds), 1, now_iso(), source)
+        if self._write(model, first, base=0) == -1:
+            log.info("policy of %s initialised in %s (%s): %s", model, self.where, source, _describe(first))
+            return self._seen(model, first)
+        record = self.get(model)  # another replica initialised it first
+        if record is None:
+            raise StoreUnavailable(f"policy of {model} in {self.where} vanished while initialising it")
+        return record
+
+    def get(self, model: str) -> PolicyRecord | None:
+        with self._calling("read the policy of " + model):
+            raw = self.client.get(self.key(model, "policy"))
+        record = None if raw is None else self._parse(model, raw)
+        return None if record is None else self._seen(model, record)
+
+    def update(
+        self, model: str, spec: PolicySpec, source: str, expected_version: int | None = None
+    ) -> PolicyRecord:
+        for _ in range(CAS_ATTEMPTS):
+            current = self.get(model)
+            base = 0 if current is None else current.version
+            if expected_version is not None and expected_version != base:
+                raise _stale(model, base, expected_version)
+            record = PolicyRecord(spec.criterion, tuple(spec.thresholds), base + 1, now_iso(), source)
+            found = self._write(model, record, base)
+            if found == -1:
+                log.info("policy of %s changed by %s: %s", model, source, _describe(record))
+                return self._seen(model, record)
+            if expected_version is not None:
+                raise _stale(model, found, expected_version)
+        raise StoreUnavailable(f"policy of {model} changed {CAS_ATTEMPTS} times while updating it: retry")
+
+    def history(self, model: str) -> list[PolicyRecord]:
+        with self._calling("read the policy history of " + model):
+            raws = self.client.lrange(self.key(model, "history"), 0, -1)
+        records = []
+        for raw in raws:
+            try:
+                records.append(_StoredPolicy.model_validate_json(raw).record())
+            except ValidationError as err:
+                log.error("skipping a CORRUPT history entry of %s in %s: %s", model, self.where,
+                          _first_line(err))
+        return records
+
+    # -- replicas ----------------------------------------------------------------------------------
+
+    def startup_policy(self, manifest: Manifest) -> ExitPolicy:
+        """`server.store.startup_policy`; with Redis down, the last policy this replica saw (version
+        kept, so the store's record replaces it only when they differ), else the bundle default as
+        version 0, which any stored version replaces. The server starts either way."""
+        try:
+            return startup_policy(self, manifest)
+        except StoreUnavailable as err:
+            model = manifest.name
+            record = self.last_known(model)
+            policy = None
+            if record is not None:
+                try:
+                    policy = ExitPolicy.for_manifest(record.spec, version=record.version, manifest=manifest)
+                except ValueError:
+                    policy = None
+            if policy is None:
+                policy = ExitPolicy.for_manifest(manifest.default_policy, version=0, manifest=manifest)
+            what = "the bundle default" if policy.version == 0 else "the last policy this replica saw"
+            log.warning("%s; %s starts with %s, %s, and follows the store once it answers",
+                        err.message, model, what, policy.describe())
+            return policy
+
+    def last_known(self, model: str) -> PolicyRecord | None:
+        path = self._last_known_path(model)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return _StoredPolicy.model_validate_json(path.read_bytes()).record()
+        except (OSError, ValidationError) as err:
+            log.warning("ignoring the unreadable last-known policy %s: %s", path, _first_line(err))
+            return None
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _calling(self, what: str) -> _Calling:
+        return _Calling(self, what)
+
+    def _write(self, model: str, record: PolicyRecord, base: int) -> int:
+        data = _stored(record).model_dump_json()
+        keys = [self.key(model, "policy"), self.key(model, "history")]
+        with self._calling("change the policy of " + model):
+            return int(self._cas(keys=keys, args=[base, data, MAX_HISTORY, self.channel(model)]))
+
+    def _parse(self, model: str, raw: str) -> PolicyRecord | None:
+        """The stored record; a corrupt one is renamed aside and reported, as the file store does."""
+        try:
+            return _StoredPolicy.model_validate_json(raw).record()
+        except ValidationError as err:
+            aside = self.key(model, f"policy.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            with self._calling("move aside the corrupt policy of " + model):
+                self.client.rename(self.key(model, "policy"), aside)
+            log.error("CORRUPT policy of %s in %s (%s): renamed it to %s; the next read starts from a "
+                      "default", model, self.where, _first_line(err), aside)
+            return None
+
+    def _seen(self, model: str, record: PolicyRecord) -> PolicyRecord:
+        """Keep a copy of each new version read, so a restart during an outage resumes from it."""
+        path = self._last_known_path(model)
+        if path is None or self._remembered.get(model) == record.version:
+            return record
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            with open(tmp, "wb") as f:
+                f.write(_stored(record).model_dump_json().encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            self._remembered[model] = record.version
+        except OSError as err:  # only the outage fallback suffers: say so, carry on
+            log.warning("cannot keep the last-known policy of %s in %s: %s", model, path, err)
+        return record
+
+    def _last_known_path(self, model: str) -> Path | None:
+        if self.last_known_dir is None or not model or "/" in model or model in (".", ".."):
+            return None
+        return self.last_known_dir / f"{model}.redis-last-known.json"
+
+    def _mark(self, up: bool, err: Exception | None = None) -> None:
+        with self._lock:
+            was, self._up = self._up, up
+        if self.metrics is not None:
+            self.metrics.store_up(STORE_NAME, up)
+        if not up and was is not False:
+            log.warning("policy store %s unreachable (%s): serving the last policy; admin changes answer "
+                        "503 until it is back", self.where, _first_line(err) if err else "?")
+        elif up and was is False:
+            log.warning("policy store %s reachable again", self.where)
+
+
+class _Calling:
+    """Turn redis-py errors into a 503 and keep the up/down state (and its gauge) current."""
+
+    def __init__(self, store: RedisPolicyStore, what: str):
+        self.store, self.what = store, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
+        if err is None:
+            self.store._mark(True)
+            return False
+        if isinstance(err, self.store._redis.RedisError):
+            self.store._mark(False, err)
+            raise StoreUnavailable(
+                f"policy store {self.store.where} unreachable, could not {self.what}: {_first_line(err)}"
+            ) from err
+        return False
+
+
+def _stale(model: str, current: int, expected: int) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"policy of {model} is at version {current}, not {expected}: read it again and retry")
+
+
+class PolicySync:
+    """Applies the store's policy changes to this replica's engine (pub/sub, plus polling)."""
+
+    def __init__(self, store: RedisPolicyStore, engine: AdminEngine, *, poll_interval_s: float = 2.0,
+                 max_backoff_s: float = 5.0):
+        if poll_interval_s <= 0 or max_backoff_s <= 0:
+            raise ValueError("poll_interval_s and max_backoff_s must be positive")
+        self.store, self.engine = store, engine
+        self.poll_interval_s, self.max_backoff_s = poll_interval_s, max_backoff_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refused: set[tuple[str, int]] = set()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="offramp-policy-sync", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def refresh(self, model: str) -> bool:
+        """Apply the stored policy of `model` when it differs from the engine's; True if applied.
+
+        The engine's policy is read first: the admin API stores a change before it applies it, so a
+        stored version older than the engine's means the store was reset, and then the store wins
+        (an empty store is seeded with this replica's policy rather than the bundle default).
+        """
+        live = self.engine.policy(model)
+        record = self.store.load(model, live.to_spec(), source=SOURCE_SEED)
+        if (record.version, record.criterion, record.thresholds) == (live.version, live.criterion,
+                                                                     live.thresholds):
+            return False
+        manifest = self.engine.bundle(model).manifest
+        try:
+            policy = ExitPolicy.for_manifest(record.spec, version=record.version, manifest=manifest)
+        except ValueError as err:
+            if (model, record.version) not in self._refused:
+                self._refused.add((model, record.version))
+                log.error("stored policy %s of %s does not fit this replica's bundle (%s): keeping %s",
+                          _describe(record), model, _first_line(err), live.describe())
+            return False
+        if record.version < live.version:
+            log.warning("the store holds v%d of %s, older than this replica's v%d (was it reset?): "
+                        "following the store", record.version, model, live.version)
+        self.engine.set_policy(model, policy)
+        log.info("%s: applied %s from the policy store (%s)", model, policy.describe(), record.source)
+        return True
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._follow()
+                backoff = 0.1
+            except (StoreUnavailable, self.store._redis.RedisError, OSError) as err:
+                if not isinstance(err, StoreUnavailable):
+                    self.store._mark(False, err)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception:  # a bug must not end the thread for good
+                log.exception("policy sync failed; retrying in %.1f s", self.max_backoff_s)
+                self._stop.wait(self.max_backoff_s)
+
+    def _follow(self) -> None:
+        """Subscribe, catch up on everything, then apply changes as they are announced."""
+        models = {self.store.channel(m): m for m in self.engine.model_names()}
+        pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(*models)
+            next_poll = 0.0
+            while not self._stop.is_set():
+                if time.monotonic() >= next_poll:  # catch-up after (re)connecting, then the safety net
+                    for model in models.values():
+                        self.refresh(model)
+                    next_poll = time.monotonic() + self.poll_interval_s
+                message = pubsub.get_message(timeout=0.25)
+                if message is not None and message.get("type") == "message":
+                    model = models.get(message["channel"])
+                    if model is not None:
+                        self.refresh(model)
+        finally:
+            pubsub.close()
