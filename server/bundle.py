@@ -130,20 +130,27 @@ class Manifest(_Strict):
                 problems.append(f"stage {i} has index {stage.index}")
             want_in = self.input.name if i == 0 else HIDDEN_IN
             if [t.name for t in stage.inputs] != [want_in]:
-                problems.append(f"stage {i} inputs must be [{want_in!r}], got {[t.name for t in stage.inputs]}")
+                got = [t.name for t in stage.inputs]
+                problems.append(f"stage {i} inputs must be [{want_in!r}], got {got}")
             names = stage.output_names()
             if names[:2] != [HIDDEN, LOGITS] or any(n not in OPTIONAL_OUTPUTS for n in names[2:]):
-                problems.append(f"stage {i} outputs must be ['hidden', 'logits'] + optional {OPTIONAL_OUTPUTS}, got {names}")
+                problems.append(
+                    f"stage {i} outputs must be ['hidden', 'logits'] + optional {OPTIONAL_OUTPUTS}, got {names}"
+                )
             logits = next((t for t in stage.outputs if t.name == LOGITS), None)
             if logits is not None and logits.shape[-1] != len(self.labels):
-                problems.append(f"stage {i} logits have {logits.shape[-1]} classes, manifest has {len(self.labels)} labels")
+                problems.append(
+                    f"stage {i} logits have {logits.shape[-1]} classes, manifest has {len(self.labels)} labels"
+                )
         if len(self.default_policy.thresholds) != len(self.stages) - 1:
             problems.append(
                 f"default_policy has {len(self.default_policy.thresholds)} thresholds, "
                 f"expected {len(self.stages) - 1} (one per early exit)"
             )
         if len(self.accuracy.per_stage) != len(self.stages):
-            problems.append(f"accuracy.per_stage has {len(self.accuracy.per_stage)} entries for {len(self.stages)} stages")
+            problems.append(
+                f"accuracy.per_stage has {len(self.accuracy.per_stage)} entries for {len(self.stages)} stages"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -269,7 +276,10 @@ def _check_onnx_io(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpe
         for spec in want:
             ttype = have[spec.name].type.tensor_type
             if ttype.elem_type != ONNX_ELEM_TYPES[spec.dtype]:
-                problems.append(f"{path.name}: {kind} {spec.name!r} has ONNX elem_type {ttype.elem_type}, manifest says {spec.dtype}")
+                problems.append(
+                    f"{path.name}: {kind} {spec.name!r} has ONNX elem_type {ttype.elem_type}, "
+                    f"manifest says {spec.dtype}"
+                )
             rank = len(ttype.shape.dim)
             if rank != len(spec.shape):
                 problems.append(f"{path.name}: {kind} {spec.name!r} has rank {rank}, manifest shape is {spec.shape}")
@@ -295,7 +305,9 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: malformed manifest (expected a JSON object)")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: format_version {version!r} is not supported (this server reads {FORMAT_VERSION})")
+        raise BundleError(
+            f"{manifest_path}: format_version {version!r} is not supported (this server reads {FORMAT_VERSION})"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
@@ -338,7 +350,7 @@ def inspect_table(bundle: Bundle) -> str:
         f"{'stage':>5} {'blocks':>10} {'head':>8} {'MFLOPs':>10} {'cum. frac':>9} {'params':>10} "
         f"{'exit acc':>9}",
     ]
-    for stage, cum, acc in zip(m.stages, cumulative, m.accuracy.per_stage):
+    for stage, cum, acc in zip(m.stages, cumulative, m.accuracy.per_stage, strict=True):
         blocks = ",".join(map(str, stage.blocks)) or "-"
         lines.append(
             f"{stage.index:>5} {blocks:>10} {stage.head:>8} {stage.flops / 1e6:>10.3f} {cum / total:>9.3f} "
