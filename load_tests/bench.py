@@ -58,6 +58,8 @@ class BenchConfig:
     max_queue_delay_ms: float = 0.0
     target_agreement: float = 0.99
     criterion: str = "max_prob"
+    device: str = "cpu"
+    """`cpu` or `cuda` (engine with IO binding, reference.onnx with the CUDA provider)."""
     http: bool = True
     http_format: str = "binary"
 
@@ -114,7 +116,7 @@ def policy_bundle(bundle_dir: Path, criterion: str, thresholds: list[float | Non
     return where
 
 
-def _session(path: Path, threads: int):  # noqa: ANN202 (onnxruntime imported lazily)
+def _session(path: Path, threads: int, device: str = "cpu"):  # noqa: ANN202 (onnxruntime imported lazily)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -123,7 +125,8 @@ def _session(path: Path, threads: int):  # noqa: ANN202 (onnxruntime imported la
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), so, providers=providers)
 
 
 def _requests(cfg: BenchConfig, batch: int) -> int:
@@ -156,13 +159,13 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
 
     m = bundle.manifest
     settings = Settings(
-        bundles=[bundle.root], device="cpu", intra_op_threads=cfg.threads, inter_op_threads=1,
+        bundles=[bundle.root], device=cfg.device, intra_op_threads=cfg.threads, inter_op_threads=1,
         max_batch_size=max(max(cfg.batch_sizes), 32), max_queue_delay_ms=cfg.max_queue_delay_ms,
         max_queue_size=max(1024, 2 * len(data)),
     )
     policy = ExitPolicy(cfg.criterion, tuple(thresholds), version=1)
     engine = Engine([bundle], settings, Metrics(), {bundle.name: policy})
-    reference = _session(bundle.reference_path(), cfg.threads)
+    reference = _session(bundle.reference_path(), cfg.threads, cfg.device)
     last = m.num_stages - 1
     await engine.start()
     try:
@@ -260,7 +263,7 @@ def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestDat
                for i in range(len(data))]
         for name, early in (("http-full", False), ("http-early", True))
     }
-    flags = [f"--intra-op-threads={cfg.threads}", "--inter-op-threads=1", "--device=cpu",
+    flags = [f"--intra-op-threads={cfg.threads}", "--inter-op-threads=1", f"--device={cfg.device}",
              f"--max-batch-size={max(32, max(cfg.concurrency))}",
              f"--max-queue-delay-ms={cfg.max_queue_delay_ms}"]
     trials: dict[tuple[str, int], list[Trial]] = {}
@@ -288,7 +291,22 @@ def machine() -> dict:
     return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "system": platform.platform(),
             "onnxruntime": ort.__version__,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "gpu": _gpu_name()}
+
+
+def _gpu_name() -> str | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestData | None = None,
@@ -344,6 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-http", action="store_true", help="in-process configurations only")
     parser.add_argument("--data", type=Path, help="request data file (default: the digits test split)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="execution provider (default cpu)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -351,7 +370,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for flag, key in (("batch", "batch_sizes"), ("concurrency", "concurrency"), ("repeats", "repeats"),
                       ("samples", "samples_per_trial"), ("threads", "threads"),
                       ("max_queue_delay_ms", "max_queue_delay_ms"), ("target_agreement", "target_agreement"),
-                      ("criterion", "criterion"), ("http_format", "http_format")):
+                      ("criterion", "criterion"), ("http_format", "http_format"), ("device", "device")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     cfg.http = not args.no_http

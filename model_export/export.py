@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from model_export.data import PREPROCESSING, Splits
+from model_export.data import HARD_PREPROCESSING, PREPROCESSING, Splits
 from model_export.vit import MultiExitViT
 from server.bundle import (
     CALIBRATION,
@@ -84,7 +84,9 @@ class OnnxExportConfig:
 
 EXPORT_CONFIGS: dict[str, OnnxExportConfig] = {
     "vit-digits": OnnxExportConfig(family="vit", input_name="pixels", preprocessing=PREPROCESSING),
+    "vit-digits-hard": OnnxExportConfig(family="vit", input_name="pixels", preprocessing=HARD_PREPROCESSING),
 }
+DATASET_EXPORT_CONFIGS = {"digits": "vit-digits", "digits-hard": "vit-digits-hard"}
 
 
 def stage_file(i: int) -> str:
@@ -256,6 +258,28 @@ def agreement_thresholds(logits: np.ndarray, target: float, z: float = 1.0) -> l
     return thresholds
 
 
+def default_thresholds(
+    calibration: Calibration, flops: list[int], criterion: str, cfg: OnnxExportConfig
+) -> list[float | None]:
+    """Default per-exit thresholds on validation data for `criterion`.
+
+    max_prob keeps `agreement_thresholds` (Wilson lower bound per exit); the other criteria use
+    the server's own calibration (least compute at `cfg.policy_agreement` agreement with the
+    final exit), and fall back to every exit disabled (full depth, always correct) when that
+    target is out of reach, so a default policy never costs accuracy it did not measure.
+    """
+    if criterion == "max_prob":
+        return agreement_thresholds(calibration.logits, cfg.policy_agreement, cfg.policy_z)
+    from server.calibrate import calibrate
+
+    try:
+        return calibrate(
+            calibration, flops, target_agreement=cfg.policy_agreement, criterion=criterion
+        ).thresholds
+    except ValueError:
+        return [None] * (len(flops) - 1)
+
+
 def _tensor_specs(names: list[str], tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
     return [TensorSpec(name=n, shape=[-1, *tensors[n].shape[1:]], dtype="FP32") for n in names]
 
@@ -269,8 +293,13 @@ def export_bundle(
     cfg: OnnxExportConfig,
     version: str = "1",
     created_by: str = "",
+    criterion: str | None = None,
 ) -> Path:
-    """Export, check, measure and calibrate `model` into the bundle directory `out`."""
+    """Export, check, measure and calibrate `model` into the bundle directory `out`.
+
+    `criterion` names the default policy's exit criterion (default: the config's, max_prob);
+    its thresholds are chosen on the validation split (`default_thresholds`).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is not a bundle until step 5
@@ -311,10 +340,12 @@ def export_bundle(
     test = stage_outputs(model, splits.test.x)
     accuracy = [float((z.argmax(-1) == splits.test.y).mean()) for z in test[LOGITS]]
     val = stage_outputs(model, splits.val.x)
-    Calibration(
+    calibration = Calibration(
         labels=splits.val.y, logits=val[LOGITS], similarity=val[SIMILARITY], gate=val.get("gate")
-    ).save(out / CALIBRATION)
-    thresholds = agreement_thresholds(val[LOGITS], cfg.policy_agreement, cfg.policy_z)
+    )
+    calibration.save(out / CALIBRATION)
+    criterion = criterion or cfg.policy_criterion
+    thresholds = default_thresholds(calibration, [s.flops for s in stages], criterion, cfg)
 
     manifest = Manifest(
         format_version=FORMAT_VERSION,
@@ -328,7 +359,7 @@ def export_bundle(
             preprocessing=cfg.preprocessing,
         ),
         stages=stages,
-        default_policy=PolicySpec(criterion=cfg.policy_criterion, thresholds=thresholds),
+        default_policy=PolicySpec(criterion=criterion, thresholds=thresholds),  # type: ignore[arg-type]
         accuracy=AccuracySpec(split="test", samples=len(splits.test), per_stage=accuracy),
         calibration=CALIBRATION,
         reference=ReferenceSpec(file=REFERENCE, sha256=sha256_file(out / REFERENCE), outputs=ref_outputs),

@@ -1,39 +1,72 @@
 """Exit heads: what turns a stage's hidden state into a prediction (and optionally an exit gate).
 
 Heads live in a registry by name so that a model config names its head kind as a string, the
-manifest records it (`StageSpec.head`) and later recipes add kinds without touching the backbone:
-LGViT's local/global heads, a DMPO predictor, learned gates (PALBERT / JEI-DNN). A head sees the
-whole token tensor [N, T, D] (class token first), so local heads can pool patch tokens.
+manifest records it (`StageSpec.head`) and recipes add kinds without touching the backbone. A head
+sees the whole token tensor [N, T, D] (class token first, then the patch tokens in row-major grid
+order) and the stage's input tokens `prev` (the previous hidden state; PALBERT's lambda layer reads
+both), and knows where it sits (`stage`, `num_stages`) and the patch grid (`grid`).
 
-A head returns a dict with `logits` [N, C] and, when `has_gate` is true, `gate` [N] in [0, 1];
-the export turns those keys into the ONNX output names of server/bundle.py.
+A head returns a dict with `logits` [N, C], `features` (the representation its classifier reads,
+for recipes that regularise or distil it; never exported) and, when `has_gate` is true, `gate`
+[N] in [0, 1]. The export keeps only the keys named in server/bundle.py, so everything a head
+computes for `logits` and `gate` runs inside its stage's ONNX segment.
+
+Kinds:
+- `linear`: LayerNorm + Linear on the class token (DeeBERT, MET).
+- `shared`: one LayerNorm + Linear shared by every exit, the final classifier reused (head-free
+  exits as in MuE, https://arxiv.org/abs/2211.11152; its exit signal is `similarity`).
+- `lgvit`: LGViT's heterogeneous heads (Xu et al. 2023, https://arxiv.org/abs/2308.00255): local
+  perception heads at the shallow half of the early exits, global aggregation heads at the deep
+  half, the backbone's linear classifier at the last stage.
+- `dmpo`: DMPO's bypass module plus high-order-statistics predictor at early exits (Luo et al.
+  2025, https://arxiv.org/abs/2511.03245), linear at the last stage.
+- `palbert`: linear classifier plus PALBERT's lambda layer on the current and previous class
+  tokens (Balagansky & Gavrilov 2022, https://arxiv.org/abs/2204.03276); served with `q_exit`.
+- `jei`: linear classifier plus a JEI-DNN gate reading its own classifier's prediction (Regol et
+  al. 2024, https://arxiv.org/abs/2310.09163); served with `gate`.
+Gated heads output gate 1 at the last stage: every sample that gets there leaves (PonderNet's
+lambda_N = 1).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from server.bundle import LOGITS
+from server.bundle import GATE, LOGITS
+
+FEATURES = "features"
 
 
 class ExitHead(nn.Module):
-    """Base class of exit heads. Subclasses set `kind` and implement `forward`."""
+    """Base class of exit heads. Subclasses set `kind` (by registering) and implement `forward`."""
 
     kind: ClassVar[str] = ""
     has_gate: ClassVar[bool] = False
+    shared: ClassVar[bool] = False
+    """True: one instance serves every exit (built once, reused by every stage)."""
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(
+        self, dim: int, num_classes: int, *, grid: tuple[int, int] = (1, 1), stage: int = 0, num_stages: int = 1
+    ):
         super().__init__()
         if dim <= 0 or num_classes <= 1:
             raise ValueError(f"an exit head needs dim > 0 and at least 2 classes, got {dim=}, {num_classes=}")
-        self.dim = dim
-        self.num_classes = num_classes
+        if not 0 <= stage < num_stages:
+            raise ValueError(f"stage {stage} is not in [0, {num_stages})")
+        self.dim, self.num_classes, self.grid = dim, num_classes, tuple(grid)
+        self.stage, self.num_stages = stage, num_stages
 
-    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -53,23 +86,251 @@ def register_head(kind: str) -> Callable[[type[ExitHead]], type[ExitHead]]:
     return add
 
 
-def build_head(kind: str, dim: int, num_classes: int) -> ExitHead:
-    """Instantiate a registered head kind; unknown kinds fail with the list of known ones."""
+def head_class(kind: str) -> type[ExitHead]:
     try:
-        cls = HEADS[kind]
+        return HEADS[kind]
     except KeyError:
         raise ValueError(f"unknown exit head {kind!r}; registered: {sorted(HEADS)}") from None
-    return cls(dim, num_classes)
+
+
+def build_head(
+    kind: str, dim: int, num_classes: int, *, grid: tuple[int, int] = (1, 1), stage: int = 0, num_stages: int = 1
+) -> ExitHead:
+    """Instantiate a registered head kind; unknown kinds fail with the list of known ones."""
+    return head_class(kind)(dim, num_classes, grid=grid, stage=stage, num_stages=num_stages)
+
+
+def patch_grid(hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch tokens [N, 1 + h*w, D] (class token first) as an image [N, D, h, w]."""
+    n, _, d = hidden.shape
+    return hidden[:, 1:].transpose(1, 2).reshape(n, d, grid[0], grid[1])
+
+
+class _Classifier(nn.Module):
+    """LayerNorm + Linear: the classifier every head ends in."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.norm(features)
+        return {LOGITS: self.fc(z), FEATURES: z}
 
 
 @register_head("linear")
 class LinearHead(ExitHead):
     """LayerNorm + Linear on the class token (DeeBERT / MET style): the cheapest useful exit."""
 
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__(dim, num_classes)
+    def __init__(self, dim: int, num_classes: int, **context: object):
+        super().__init__(dim, num_classes, **context)  # type: ignore[arg-type]
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
 
-    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {LOGITS: self.fc(self.norm(hidden[:, 0]))}
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        z = self.norm(hidden[:, 0])
+        return {LOGITS: self.fc(z), FEATURES: z}
+
+
+@register_head("shared")
+class SharedHead(LinearHead):
+    """The final classifier reused at every exit: no exit-specific parameters (MuE's head-free exits)."""
+
+    shared = True
+
+
+class LocalPerception(nn.Module):
+    """LGViT's local perception head body: 1x1 conv, 3x3 depthwise conv, 1x1 conv with a residual
+    on the patch tokens as a grid, then average pooling. Convolutions add the locality that
+    shallow ViT tokens lack."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], expand: int = 2):
+        super().__init__()
+        self.grid = grid
+        hidden = dim * expand
+        self.pw1 = nn.Conv2d(dim, hidden, 1)
+        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.pw2 = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = patch_grid(hidden, self.grid)
+        y = self.pw2(F.gelu(self.dw(F.gelu(self.pw1(x)))))
+        return (x + y).mean(dim=(2, 3))
+
+
+class GlobalAggregation(nn.Module):
+    """LGViT's global aggregation head body: every token attends to spatially reduced patch tokens
+    (average-pooled windows, PVT-style reduction), which gathers the global semantics deep exits
+    need at a fraction of full attention's cost; the attended tokens are averaged."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], num_heads: int = 2):
+        super().__init__()
+        self.grid = grid
+        self.reduce = 2 if min(grid) >= 2 else 1
+        self.num_heads = num_heads if dim % num_heads == 0 else 1
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        n, t, d = hidden.shape
+        h, dh = self.num_heads, d // self.num_heads
+        x = self.norm(hidden)
+        reduced = F.avg_pool2d(patch_grid(x, self.grid), self.reduce).flatten(2).transpose(1, 2)  # [N, R, D]
+        q = self.q(x).reshape(n, t, h, dh).transpose(1, 2)
+        kv = self.kv(reduced).reshape(n, -1, 2, h, dh).permute(2, 0, 3, 1, 4)
+        attn = (q @ kv[0].transpose(-2, -1) * dh**-0.5).softmax(dim=-1)
+        out = hidden + self.proj((attn @ kv[1]).transpose(1, 2).reshape(n, t, d))
+        return out.mean(dim=1)
+
+
+@register_head("lgvit")
+class LGViTHead(ExitHead):
+    """LGViT's heterogeneous exits: local perception at the shallow half of the early exits, global
+    aggregation at the deep half, the backbone's own linear classifier on the class token last."""
+
+    def __init__(self, dim: int, num_classes: int, **context: object):
+        super().__init__(dim, num_classes, **context)  # type: ignore[arg-type]
+        early = self.num_stages - 1
+        if self.is_last:
+            self.role = "linear"
+            self.body: nn.Module | None = None
+        elif self.stage < early / 2:
+            self.role, self.body = "local", LocalPerception(dim, self.grid)
+        else:
+            self.role, self.body = "global", GlobalAggregation(dim, self.grid)
+        self.classifier = _Classifier(dim, num_classes)
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return self.classifier(hidden[:, 0] if self.body is None else self.body(hidden))
+
+
+class Bypass(nn.Module):
+    """DMPO's lightweight bypass: a zero-initialised bottleneck the predictor's input goes through.
+    The predictor reads `hidden + bypass(hidden)`; the next stage gets `hidden` itself, so the
+    discriminative transform an early predictor needs lives here, not in the shared tokens."""
+
+    zero_init = True  # the model's weight init leaves `up` at zero (see MultiExitViT)
+
+    def __init__(self, dim: int, ratio: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, max(1, dim // ratio))
+        self.up = nn.Linear(max(1, dim // ratio), dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(F.gelu(self.down(self.norm(hidden))))
+
+
+class CovariancePool(nn.Module):
+    """Second-order pooling: tokens reduced to `reduced` channels, their covariance over the tokens,
+    matrix square root by Newton-Schulz iterations (iSQRT-COV, Li et al. 2018), upper triangle.
+    All matmuls, so it exports to plain ONNX and runs with any batch size."""
+
+    def __init__(self, dim: int, reduced: int = 16, iterations: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reduce = nn.Linear(dim, reduced)
+        self.iterations = iterations
+        rows, cols = torch.triu_indices(reduced, reduced)
+        self.register_buffer("triu", rows * reduced + cols, persistent=False)
+        self.register_buffer("eye", torch.eye(reduced), persistent=False)
+        self.out_dim = len(rows)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(self.norm(hidden))  # [N, T, d]
+        x = x - x.mean(dim=1, keepdim=True)
+        cov = x.transpose(1, 2) @ x / x.shape[1] + 1e-4 * self.eye  # [N, d, d]
+        trace = (cov * self.eye).sum(dim=(1, 2), keepdim=True)
+        y, z = cov / trace, self.eye.expand_as(cov)
+        for _ in range(self.iterations):
+            t = 0.5 * (3.0 * self.eye - z @ y)
+            y, z = y @ t, t @ z
+        root = y * trace.sqrt()
+        return root.flatten(1)[:, self.triu]
+
+
+@register_head("dmpo")
+class DMPOHead(ExitHead):
+    """DMPO early exits: bypass module, then a predictor on first-order (class token) and
+    high-order (covariance) statistics of the tokens; the last stage keeps the linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int, **context: object):
+        super().__init__(dim, num_classes, **context)  # type: ignore[arg-type]
+        if self.is_last:
+            self.bypass: Bypass | None = None
+            self.classifier = _Classifier(dim, num_classes)
+            return
+        self.bypass = Bypass(dim)
+        self.cov = CovariancePool(dim)
+        self.classifier = _Classifier(dim + self.cov.out_dim, num_classes)
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if self.bypass is None:
+            return self.classifier(hidden[:, 0])
+        z = self.bypass(hidden)
+        return self.classifier(torch.cat([z[:, 0], self.cov(z)], dim=-1))
+
+
+class _GatedHead(LinearHead):
+    has_gate = True
+
+    def _gate(self, logits: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """Gate [N]; 1 at the last stage, where every sample leaves."""
+        if self.is_last:
+            return torch.ones_like(logits[:, 0])
+        return torch.sigmoid(raw.reshape(-1))
+
+
+@register_head("palbert")
+class LambdaHead(_GatedHead):
+    """Linear classifier plus PALBERT's lambda layer: an MLP on the class tokens after and before
+    the stage gives lambda_i, the probability of halting here given the sample got here. Served
+    with `q_exit` (PALBERT's deterministic Q-exit: leave once 1 - prod(1 - lambda_j) passes)."""
+
+    def __init__(self, dim: int, num_classes: int, **context: object):
+        super().__init__(dim, num_classes, **context)
+        self.lambda_norm = nn.LayerNorm(2 * dim)
+        self.lambda_fc1 = nn.Linear(2 * dim, dim)
+        self.lambda_fc2 = nn.Linear(dim, 1)
+        nn.init.constant_(self.lambda_fc2.bias, -2.0)  # start by rarely halting: deep exits learn first
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = super().forward(hidden)
+        before = hidden[:, 0] if prev is None else prev[:, 0]
+        pair = self.lambda_norm(torch.cat([hidden[:, 0], before], dim=-1))
+        raw = self.lambda_fc2(torch.tanh(self.lambda_fc1(pair)))
+        out[GATE] = self._gate(out[LOGITS], raw)
+        return out
+
+
+@register_head("jei")
+class JEIGateHead(_GatedHead):
+    """Linear classifier (the inference module) plus a JEI-DNN gate that reads the inference
+    module's own prediction: its top-k softmax probabilities and normalised entropy. The gate is
+    the probability of exiting here given the sample got here; served with `gate`."""
+
+    top_k: ClassVar[int] = 3
+
+    def __init__(self, dim: int, num_classes: int, **context: object):
+        super().__init__(dim, num_classes, **context)
+        self.k = min(self.top_k, num_classes)
+        self.gate_fc1 = nn.Linear(self.k + 1, 16)
+        self.gate_fc2 = nn.Linear(16, 1)
+
+    def gate_features(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.softmax(dim=-1)
+        top = torch.topk(probs, self.k, dim=-1).values
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1, keepdim=True) / math.log(self.num_classes)
+        return torch.cat([top, entropy], dim=-1)
+
+    def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = super().forward(hidden)
+        # The gate learns when to trust the inference module, not to move it: JEI-DNN's lower level.
+        raw = self.gate_fc2(F.relu(self.gate_fc1(self.gate_features(out[LOGITS].detach()))))
+        out[GATE] = self._gate(out[LOGITS], raw)
+        return out

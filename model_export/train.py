@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,14 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # mean loss per epoch
 
+    def then(self, other: TrainResult) -> TrainResult:
+        """This phase followed by `other` (multi-phase recipes)."""
+        return TrainResult(self.seconds + other.seconds, self.steps + other.steps, self.losses + other.losses)
+
+
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""`objective(model, x, y, progress)` -> scalar loss; `progress` is the share of steps done, in [0, 1)."""
+
 
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     """Fix every source of randomness this package uses; returns the generator for data order."""
@@ -81,11 +90,22 @@ def _exit_weights(cfg: TrainConfig, num_exits: int) -> torch.Tensor:
     return w / w.sum()
 
 
-def train(model: nn.Module, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+def train(
+    model: nn.Module,
+    data: Split,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    objective: Objective | None = None,
+    parameters: Iterable[nn.Parameter] | None = None,
+) -> TrainResult:
     """Train every exit of `model` (whose forward returns a list of logits) on `data`, in place.
 
-    The caller seeds before building the model (`seed_everything`) so initialisation is covered
-    too; this function reseeds its own generator for shuffling and augmentation.
+    The loss is the weighted cross-entropy of every exit unless a recipe passes its own
+    `objective`; `parameters` restricts what the optimiser updates (frozen backbones), the rest
+    keeps its values. The caller seeds before building the model (`seed_everything`) so
+    initialisation is covered too; this function reseeds its own generator for shuffling and
+    augmentation.
     """
     from tqdm.auto import tqdm
 
@@ -100,7 +120,10 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, progress: bool = T
         else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     )
     warmup = max(1, int(total * cfg.warmup_fraction))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters() if parameters is None else parameters)
+    if not params:
+        raise ValueError("nothing to train: the parameter list is empty")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: (
@@ -123,13 +146,16 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, progress: bool = T
                     break
                 idx = order[first : first + cfg.batch_size]
                 x = random_shift(x_all[idx], cfg.max_shift, gen)
-                logits = model(x)
-                if weights is None:
-                    weights = _exit_weights(cfg, len(logits))
-                losses = torch.stack(
-                    [F.cross_entropy(z, y_all[idx], label_smoothing=cfg.label_smoothing) for z in logits]
-                )
-                loss = (weights * losses).sum()
+                if objective is None:
+                    logits = model(x)
+                    if weights is None:
+                        weights = _exit_weights(cfg, len(logits))
+                    losses = torch.stack(
+                        [F.cross_entropy(z, y_all[idx], label_smoothing=cfg.label_smoothing) for z in logits]
+                    )
+                    loss = (weights * losses).sum()
+                else:
+                    loss = objective(model, x, y_all[idx], result.steps / total)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -138,7 +164,7 @@ def train(model: nn.Module, data: Split, cfg: TrainConfig, *, progress: bool = T
                 epoch_loss += loss.item()
                 batches += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", final=f"{losses[-1].item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
             result.losses.append(epoch_loss / max(1, batches))
     finally:
         bar.close()

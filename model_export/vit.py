@@ -16,6 +16,7 @@ tensors one exported stage outputs; `forward` runs every stage and returns every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_export.heads import build_head
+from model_export.heads import ExitHead, build_head, head_class
 from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY
 
 
@@ -48,6 +49,8 @@ class ViTConfig:
     input_std: float = 1.0
     """... then standardised with these (statistics of the training split)."""
     dropout: float = 0.0
+    adapter_dim: int = 0
+    """MET's exit-specific adapters (E-adapters) of this bottleneck width; 0 = none."""
 
     def __post_init__(self) -> None:
         size = self.img_size
@@ -64,6 +67,8 @@ class ViTConfig:
             problems.append(f"depth must be >= 1, got {self.depth}")
         if self.exits is not None and (not self.exits or self.exits[0] < 0 or self.exits[-1] >= self.depth):
             problems.append(f"exits {self.exits} must be block indices in [0, {self.depth - 1}]")
+        if self.adapter_dim < 0:
+            problems.append(f"adapter_dim must be >= 0, got {self.adapter_dim}")
         if self.input_std <= 0 or self.input_scale <= 0:
             problems.append("input_scale and input_std must be positive")
         if problems:
@@ -76,9 +81,14 @@ class ViTConfig:
         return tuple(sorted(chosen | {self.depth - 1}))
 
     @property
-    def num_patches(self) -> int:
+    def grid(self) -> tuple[int, int]:
         h, w = self.img_size
-        return (h // self.patch_size) * (w // self.patch_size)
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.grid
+        return h * w
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,9 +145,30 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapt: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+        """`adapt(x, where)` (MET's E-adapters) runs before the attention (where 0) and the MLP (1)."""
+        if adapt is not None:
+            x = adapt(x, 0)
         x = x + self.attn(self.norm1(x))
+        if adapt is not None:
+            x = adapt(x, 1)
         return x + self.mlp(self.norm2(x))
+
+
+class EAdapters(nn.Module):
+    """MET's exit-specific adapters: one down- and one up-projection shared by every adapter, and
+    per exit (and per position: before attention, before the MLP) a diagonal scaling of the
+    bottleneck. Blocks of stage i use exit i's scaling, so one forward pass serves every exit.
+    The up-projection starts at zero: a frozen backbone's function is unchanged until tuned."""
+
+    def __init__(self, dim: int, bottleneck: int, num_exits: int):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        self.scales = nn.Parameter(torch.ones(num_exits, 2, bottleneck))
+
+    def forward(self, x: torch.Tensor, exit_index: int, where: int) -> torch.Tensor:
+        return x + self.up(self.scales[exit_index, where] * F.gelu(self.down(x)))
 
 
 class PatchEmbed(nn.Module):
@@ -175,8 +206,27 @@ class MultiExitViT(nn.Module):
         self.stage_blocks: list[list[int]] = [
             list(range(0 if i == 0 else exit_blocks[i - 1] + 1, b + 1)) for i, b in enumerate(exit_blocks)
         ]
-        self.heads = nn.ModuleList(build_head(cfg.head, cfg.embed_dim, cfg.num_classes) for _ in exit_blocks)
+        self.heads = nn.ModuleList(self._build_heads())
+        self.adapters = (
+            EAdapters(cfg.embed_dim, cfg.adapter_dim, len(exit_blocks)) if cfg.adapter_dim else None
+        )
         self.apply(_init_weights)
+        if self.adapters is not None:  # _init_weights must not undo the zero start
+            nn.init.zeros_(self.adapters.up.weight)
+        for head in self.heads:  # heads with zero-initialised parts (DMPO's bypass) restore them
+            for m in head.modules():
+                if getattr(m, "zero_init", False):
+                    nn.init.zeros_(m.up.weight)
+
+    def _build_heads(self) -> list[ExitHead]:
+        cfg, n = self.cfg, len(self.stage_blocks)
+        if head_class(cfg.head).shared:
+            head = build_head(cfg.head, cfg.embed_dim, cfg.num_classes, grid=cfg.grid, stage=n - 1, num_stages=n)
+            return [head] * n
+        return [
+            build_head(cfg.head, cfg.embed_dim, cfg.num_classes, grid=cfg.grid, stage=i, num_stages=n)
+            for i in range(n)
+        ]
 
     @property
     def num_stages(self) -> int:
@@ -198,34 +248,61 @@ class MultiExitViT(nn.Module):
     def stage_modules(self, i: int) -> list[nn.Module]:
         """Modules whose parameters belong to stage i (its exit head included)."""
         mods: list[nn.Module] = [self.embed] if i == 0 else []
-        return mods + [self.blocks[b] for b in self.stage_blocks[i]] + [self.heads[i]]
+        mods += [self.blocks[b] for b in self.stage_blocks[i]] + [self.heads[i]]
+        return mods + ([self.adapters] if self.adapters is not None else [])
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """The pre-trained part a parameter-efficient recipe freezes: embedding and blocks."""
+        return [self.embed, *self.blocks]
+
+    def _stage_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x) if i == 0 else x
+
+    def _blocks(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        adapters = self.adapters
+        adapt = None if adapters is None else (lambda t, where: adapters(t, i, where))
+        for b in self.stage_blocks[i]:
+            x = self.blocks[b](x, adapt)
+        return x
 
     def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Backbone part of stage i: raw input (i = 0) or the previous hidden state -> hidden state."""
-        if i == 0:
-            x = self.embed(x)
-        for b in self.stage_blocks[i]:
-            x = self.blocks[b](x)
-        return x
+        return self._blocks(i, self._stage_input(i, x))
 
-    def forward_exit(self, i: int, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Exit head i on stage i's hidden state: `logits` (and `gate` for gated heads)."""
-        return self.heads[i](hidden)
+    def forward_exit(self, i: int, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Exit head i on stage i's hidden state (`prev`: the tokens the stage started from):
+        `logits`, `features` (training only) and `gate` for gated heads."""
+        return self.heads[i](hidden, prev)
+
+    def _run(self, i: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = self._stage_input(i, x)
+        hidden = self._blocks(i, tokens)
+        out = {HIDDEN: hidden, **self.forward_exit(i, hidden, tokens)}
+        if i > 0:
+            out[SIMILARITY] = F.cosine_similarity(tokens[:, 0], hidden[:, 0], dim=-1)
+        return out
 
     def forward_segment(self, i: int, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Everything exported stage i outputs, keyed by tensor name, in `output_names(i)` order."""
-        hidden = self.forward_stage(i, x)
-        out = {HIDDEN: hidden, **self.forward_exit(i, hidden)}
-        if i > 0:
-            out[SIMILARITY] = F.cosine_similarity(x[:, 0], hidden[:, 0], dim=-1)
+        out = self._run(i, x)
         return {name: out[name] for name in self.output_names(i)}
+
+    def forward_all(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Every stage's outputs, `features` included, for recipes' losses."""
+        outs = []
+        for i in range(self.num_stages):
+            out = self._run(i, x)
+            outs.append(out)
+            x = out[HIDDEN]
+        return outs
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits, in stage order (the final exit last)."""
         logits = []
         for i in range(self.num_stages):
-            x = self.forward_stage(i, x)
-            logits.append(self.forward_exit(i, x)[LOGITS])
+            tokens = self._stage_input(i, x)
+            x = self._blocks(i, tokens)
+            logits.append(self.forward_exit(i, x, tokens)[LOGITS])
         return logits
 
 

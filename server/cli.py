@@ -186,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
             raise
     else:
         register(subparsers)
+    try:
+        from load_tests.bench import register as register_bench
+    except ImportError as err:  # load_tests ships with the source tree, not every install
+        if err.name is None or not err.name.startswith("load_tests"):
+            raise
+    else:
+        register_bench(subparsers)
     return parser
 
 

@@ -36,6 +36,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "offramp_requests", "Inference requests by outcome (ok, bad_request, overloaded, timeout, error).",
             ["model", "outcome"], registry=r,
@@ -95,6 +96,15 @@ class Metrics:
             ["store"], registry=r,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: prometheus_client's lookup costs microseconds, and the
+        worker records several metrics per stage run."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     @_never_raises
     def request_done(self, model: str, outcome: str, latency_s: float | None = None) -> None:
         self.requests.labels(model, outcome).inc()
@@ -103,24 +113,25 @@ class Metrics:
 
     @_never_raises
     def stage_run(self, model: str, stage: int, batch: int, seconds: float) -> None:
-        self.stage_latency.labels(model, str(stage)).observe(seconds)
-        self.batch_size.labels(model, str(stage)).observe(batch)
+        self._child(self.stage_latency, model, str(stage)).observe(seconds)
+        self._child(self.batch_size, model, str(stage)).observe(batch)
 
     @_never_raises
     def samples_exited(self, model: str, stage: int, count: int, executed_flops: float, full_flops: float) -> None:
         if count <= 0:
             return
-        self.samples.labels(model).inc(count)
-        self.exit_stage.labels(model, str(stage)).inc(count)
-        self.executed_flops.labels(model).inc(executed_flops)
-        self.full_depth_flops.labels(model).inc(full_flops)
-        full = self.full_depth_flops.labels(model)._value.get()
-        if full > 0:
-            self.compute_fraction.labels(model).set(self.executed_flops.labels(model)._value.get() / full)
+        executed = self._child(self.executed_flops, model)
+        full = self._child(self.full_depth_flops, model)
+        self._child(self.samples, model).inc(count)
+        self._child(self.exit_stage, model, str(stage)).inc(count)
+        executed.inc(executed_flops)
+        full.inc(full_flops)
+        if full._value.get() > 0:
+            self._child(self.compute_fraction, model).set(executed._value.get() / full._value.get())
 
     @_never_raises
     def queue(self, model: str, stage: int, depth: int) -> None:
-        self.queue_depth.labels(model, str(stage)).set(depth)
+        self._child(self.queue_depth, model, str(stage)).set(depth)
 
     @_never_raises
     def policy(self, model: str, version: int, thresholds: list[float | None]) -> None:

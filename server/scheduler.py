@@ -154,6 +154,9 @@ class ModelScheduler:
         self._cond = threading.Condition()
         self._queues: list[deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
         self._shadow: list[deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
+        # -1 forces the first report, so every stage's depth gauge exists (at 0) from the start:
+        # an autoscaler reading it must not see "no data" before the first request.
+        self._reported_depths = [-1] * self.num_stages
         self._load = 0  # request rows waiting or in flight (admission bound)
         self._shadow_load = 0
         self._accepting = False
@@ -168,6 +171,8 @@ class ModelScheduler:
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name=f"offramp-{self.name}", daemon=True)
         self._thread.start()
+        with self._cond:
+            self._report_depths()
         self.metrics.policy(self.name, self._policy.version, list(self._policy.thresholds))
 
     async def stop(self, drain: bool = True) -> None:
@@ -433,5 +438,9 @@ class ModelScheduler:
             self._cond.notify_all()
 
     def _report_depths(self) -> None:
+        """Queue-depth gauges, only where a depth changed (called under the lock, several times per batch)."""
         for k, q in enumerate(self._queues):
-            self.metrics.queue(self.name, k, sum(len(c) for c in q))
+            depth = sum(len(c) for c in q)
+            if self._reported_depths[k] != depth:
+                self._reported_depths[k] = depth
+                self.metrics.queue(self.name, k, depth)
