@@ -1,4 +1,5 @@
-"""`offramp demo | export | inspect`: the model-side commands, registered into server/cli.py.
+"""`offramp demo | train | compare | export | inspect`: the model-side commands, registered into
+server/cli.py.
 
 This module imports neither torch nor onnxruntime at import time: `offramp serve` and
 `offramp inspect` must work on a server-only install; `demo` and `export` import the training
@@ -41,8 +42,8 @@ def export(args: argparse.Namespace) -> int:
     if not _needs_torch("export"):
         return 2
     from model_export.checkpoint import load_checkpoint
-    from model_export.data import load_digits_splits
-    from model_export.export import EXPORT_CONFIGS, ExportCheckError, export_bundle
+    from model_export.data import DATASETS, load_splits
+    from model_export.export import DATASET_EXPORT_CONFIGS, EXPORT_CONFIGS, ExportCheckError, export_bundle
 
     try:
         model, meta = load_checkpoint(args.checkpoint)
@@ -50,19 +51,62 @@ def export(args: argparse.Namespace) -> int:
         print(f"offramp export: {err}", file=sys.stderr)
         return 2
     data = meta.get("data", {})
-    if data.get("dataset", "digits") != "digits":
-        print(f"offramp export: {args.checkpoint}: unknown data set {data.get('dataset')!r}", file=sys.stderr)
+    dataset = data.get("dataset", "digits")
+    if dataset not in DATASETS:
+        print(f"offramp export: {args.checkpoint}: unknown data set {dataset!r}", file=sys.stderr)
         return 2
-    splits = load_digits_splits(seed=int(data.get("split_seed", 0)))
+    splits = load_splits(dataset, seed=int(data.get("split_seed", 0)))
+    config = args.config or DATASET_EXPORT_CONFIGS[dataset]
     try:
         out = export_bundle(
-            model, args.out, splits, name=args.name or meta["name"], cfg=EXPORT_CONFIGS[args.config]
+            model, args.out, splits, name=args.name or meta["name"], cfg=EXPORT_CONFIGS[config],
+            criterion=data.get("criterion"),
         )
     except ExportCheckError as err:
         print(f"offramp export: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return inspect(argparse.Namespace(bundle=out))
+
+
+def train_cmd(args: argparse.Namespace) -> int:
+    """Train with a recipe, export the bundle (default policy: the recipe's criterion), print it."""
+    if not _needs_torch("train"):
+        return 2
+    from model_export.export import ExportCheckError
+    from model_export.recipes import export_recipe, get_recipe, train_recipe
+
+    try:
+        recipe = get_recipe(args.recipe)
+        recipe.check_head(args.head or recipe.default_head)
+    except ValueError as err:
+        print(f"offramp train: {err}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps)) if v is not None}
+    started = time.perf_counter()
+    run, splits = train_recipe(args.recipe, args.head, dataset=args.dataset, variant=args.variant,
+                               seed=args.seed, progress=not args.quiet, **overrides)
+    name = args.name or f"digits-{args.recipe}-{run.head}" + ("-hard" if args.dataset == "digits-hard" else "")
+    try:
+        out = export_recipe(run, args.out, splits, name=name, seed=args.seed)
+    except ExportCheckError as err:
+        print(f"offramp train: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} in {time.perf_counter() - started:.1f} s (recipe {args.recipe}, head {run.head}, "
+          f"default criterion {recipe.criterion})")
+    return inspect(argparse.Namespace(bundle=out))
+
+
+def compare_cmd(args: argparse.Namespace) -> int:
+    """Every recipe x head on digits and digits-hard: curves (PNG) and a table in a Markdown file."""
+    if not _needs_torch("compare"):
+        return 2
+    from model_export.compare import run_compare
+
+    run_compare(args.out, args.img, grid=args.grid, datasets=args.datasets.split(","), epochs=args.epochs,
+                seed=args.seed, progress=not args.quiet)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -92,6 +136,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=demo)
 
     p = subparsers.add_parser(
+        "train",
+        help="train with a recipe of the early-exit literature and export a bundle (export extra)",
+        description="Train the multi-exit ViT with a recipe and head (see docs/recipes.md), then export "
+        "a bundle whose default policy uses the recipe's exit criterion.",
+    )
+    p.add_argument("--recipe", required=True, help="joint, pabee, dmpo, lgvit, met, palbert, jei, mue")
+    p.add_argument("--head", default=None, help="exit head kind (default: the recipe's)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "digits-hard"], help="data set")
+    p.add_argument("--variant", default="demo", choices=["demo", "tiny"], help="model size")
+    p.add_argument("--epochs", type=int, default=None, help="training budget in epochs [30]")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (all phases)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the data split is fixed)")
+    p.add_argument("--name", default=None, help="model name in the manifest")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=train_cmd)
+
+    p = subparsers.add_parser(
+        "compare",
+        help="compare every recipe x head at equal budget; curves and a table in Markdown (export extra)",
+        description="Train every recipe x head on digits and digits-hard at the same budget; write "
+        "accuracy-against-compute curves (PNG) and a table at 30/50/70 %% of full-depth FLOPs.",
+    )
+    p.add_argument("--out", type=Path, default=Path("docs/recipes.md"), help="Markdown file [docs/recipes.md]")
+    p.add_argument("--img", type=Path, default=Path("docs/img"), help="folder for the PNGs [docs/img]")
+    p.add_argument("--grid", default="paper", choices=["paper", "full"],
+                   help="paper: each recipe with its paper's head and linear; full: every compatible pair")
+    p.add_argument("--datasets", default="digits,digits-hard", help="comma-separated data sets")
+    p.add_argument("--epochs", type=int, default=20, help="training budget of every run [20]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=compare_cmd)
+
+    p = subparsers.add_parser(
         "export",
         help="export a saved checkpoint to a bundle (export extra)",
         description="Export a checkpoint (config + weights) to a checked bundle.",
@@ -101,7 +179,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
     p.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's)")
-    p.add_argument("--config", default="vit-digits", choices=["vit-digits"], help="export config")
+    p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard"],
+                   help="export config (default: the one of the checkpoint's data set)")
     p.set_defaults(func=export)
 
     p = subparsers.add_parser(

@@ -135,6 +135,9 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
+Adapt = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 class Block(nn.Module):
     """Pre-norm transformer block (timm `Block`)."""
 
@@ -145,7 +148,7 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
 
-    def forward(self, x: torch.Tensor, adapt: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapt: Adapt | None = None) -> torch.Tensor:
         """`adapt(x, where)` (MET's E-adapters) runs before the attention (where 0) and the MLP (1)."""
         if adapt is not None:
             x = adapt(x, 0)

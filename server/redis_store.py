@@ -25,12 +25,14 @@ redis-py is imported when a store is built, so the server imports without the `r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pydantic import ValidationError
@@ -61,6 +63,7 @@ log = logging.getLogger("offramp.store.redis")
 STORE_NAME = "redis"  # the `store` label of offramp_policy_store_up
 SOURCE_SEED = "replica-seed (the store had no policy)"
 CAS_ATTEMPTS = 20
+MIN_BACKOFF_S = 0.1  # PolicySync reconnects after this, doubling up to max_backoff_s
 
 # KEYS: current, history. ARGV: the version the new record is based on, the record (JSON),
 # history cap, channel. Returns -1 when written, else the current version (nothing written).
@@ -220,8 +223,16 @@ class RedisPolicyStore:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _calling(self, what: str) -> _Calling:
-        return _Calling(self, what)
+    @contextlib.contextmanager
+    def _calling(self, what: str) -> Iterator[None]:
+        """Turn redis-py errors into a 503 and keep the up/down state (and its gauge) current."""
+        try:
+            yield
+        except self._redis.RedisError as err:
+            self._mark(False, err)
+            raise StoreUnavailable(f"policy store {self.where} unreachable, could not {what}: "
+                                   f"{_first_line(err)}") from err
+        self._mark(True)
 
     def _write(self, model: str, record: PolicyRecord, base: int) -> int:
         data = _stored(record).model_dump_json()
@@ -277,27 +288,6 @@ class RedisPolicyStore:
             log.warning("policy store %s reachable again", self.where)
 
 
-class _Calling:
-    """Turn redis-py errors into a 503 and keep the up/down state (and its gauge) current."""
-
-    def __init__(self, store: RedisPolicyStore, what: str):
-        self.store, self.what = store, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
-        if err is None:
-            self.store._mark(True)
-            return False
-        if isinstance(err, self.store._redis.RedisError):
-            self.store._mark(False, err)
-            raise StoreUnavailable(
-                f"policy store {self.store.where} unreachable, could not {self.what}: {_first_line(err)}"
-            ) from err
-        return False
-
-
 def _stale(model: str, current: int, expected: int) -> PreconditionFailed:
     return PreconditionFailed(
         f"policy of {model} is at version {current}, not {expected}: read it again and retry")
@@ -315,6 +305,7 @@ class PolicySync:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refused: set[tuple[str, int]] = set()
+        self._backoff = MIN_BACKOFF_S
 
     def start(self) -> None:
         if self._thread is None:
@@ -357,16 +348,14 @@ class PolicySync:
         return True
 
     def _run(self) -> None:
-        backoff = 0.1
         while not self._stop.is_set():
             try:
                 self._follow()
-                backoff = 0.1
             except (StoreUnavailable, self.store._redis.RedisError, OSError) as err:
                 if not isinstance(err, StoreUnavailable):
                     self.store._mark(False, err)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
+                self._stop.wait(self._backoff)
+                self._backoff = min(self._backoff * 2, self.max_backoff_s)
             except Exception:  # a bug must not end the thread for good
                 log.exception("policy sync failed; retrying in %.1f s", self.max_backoff_s)
                 self._stop.wait(self.max_backoff_s)
@@ -377,6 +366,7 @@ class PolicySync:
         pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(*models)
+            self._backoff = MIN_BACKOFF_S  # connected: the next outage starts retrying quickly
             next_poll = 0.0
             while not self._stop.is_set():
                 if time.monotonic() >= next_poll:  # catch-up after (re)connecting, then the safety net

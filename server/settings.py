@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     """Shared policy store for a replica set, e.g. `redis://redis:6379/0` (also `rediss://` and
     `unix://`; credentials as `redis://:PASSWORD@host:6379/0`). A change through any replica's admin
     API then reaches every replica within a second. Unset: each replica keeps its policy in
-    `state_dir`. Needs the `redis` extra. Secret: logs show only scheme, host, port and database."""
+    `state_dir`. Needs the `redis` extra. Logs show only scheme, host, port and database; with a
+    password, prefer the environment variable (flags show up in the process list)."""
 
     admin_token: SecretStr | None = None
     """Bearer token for `/admin`. Unset: the admin API is off (403). Never logged."""

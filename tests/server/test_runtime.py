@@ -253,7 +253,8 @@ def test_cuda_keeps_the_hidden_state_on_the_gpu(onnx_bundle) -> None:
     assert merged.device_name().lower() == "cuda" and merged.shape() == [4, HIDDEN_DIM]
     want = cpu.concat([cpu.take(cpu.run(0, a).hidden, np.array([5, 0, 3])),
                        cpu.take(cpu.run(0, b).hidden, np.array([1]))])
-    np.testing.assert_allclose(merged.numpy(), want, atol=1e-4)
+    # TF32 matmuls on the GPU (onnxruntime's CUDA default on Ampere+) differ from FP32 by ~1e-3.
+    np.testing.assert_allclose(merged.numpy(), want, atol=2e-3)
     last = gpu.run(2, gpu.run(1, merged).hidden)
     want_last = cpu.run(2, cpu.run(1, want).hidden)
     assert last.hidden is None

@@ -1,0 +1,399 @@
+"""Tuning recipes of the early-exit literature, in one registry; `offramp train --recipe NAME`.
+
+A recipe says how a multi-exit model is trained (losses, phases, what is frozen), which heads it
+works with and which exit criterion its bundle is served with by default. Every recipe gets the
+same budget: `TrainConfig.epochs` (and `max_steps`) bound the optimiser steps of all its phases
+together, so comparisons are at equal training cost.
+
+- `joint`: every exit's cross-entropy, equal weights (MSDNet, MET's exits, DeeBERT-style).
+- `pabee`: PABEE's weighted average, exit j weighted by j (Zhou et al. 2020); served by patience.
+- `dmpo`: DMPO's two-phase loss weights: deep exits first (early stages learn to represent), then
+  weight moves to the early exits (Luo et al. 2025, https://arxiv.org/abs/2511.03245).
+- `lgvit`: LGViT's two stages: end to end, then self-distillation from the final exit into the
+  early heads with the backbone frozen (Xu et al. 2023, https://arxiv.org/abs/2308.00255).
+- `met`: MET: a backbone trained first (the "pre-trained" model, final exit only), then frozen and
+  tuned with exit-specific adapters sharing one down- and one up-projection, with graph
+  regularisation at the early exits (Liu et al. 2024, https://arxiv.org/abs/2409.13999).
+- `palbert`: PonderNet's loss on PALBERT's lambda gates: expected cross-entropy under the halting
+  distribution plus KL to a geometric prior (https://arxiv.org/abs/2204.03276); served by q_exit.
+- `jei`: JEI-DNN: inference modules weighted by where the gates send samples, gates fitted to the
+  exit that best trades loss for cost, the two levels kept apart (https://arxiv.org/abs/2310.09163).
+- `mue`: MuE: one classifier shared by every layer, all layers' task losses; served head-free by
+  the similarity of consecutive hidden states (https://arxiv.org/abs/2211.11152).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_export.data import Split, Splits
+from model_export.heads import FEATURES, HEADS
+from model_export.train import Objective, TrainConfig, TrainResult, train
+from model_export.vit import MultiExitViT
+from server.bundle import GATE, LOGITS
+
+
+class Recipe:
+    """Base class. Subclasses set the class attributes and implement `fit`."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    criterion: ClassVar[str] = "max_prob"
+    """The exit criterion the exported bundle's default policy uses."""
+    heads: ClassVar[tuple[str, ...] | None] = None
+    """Head kinds this recipe trains; None = every head kind without a gate."""
+    default_head: ClassVar[str] = "linear"
+
+    def model_overrides(self) -> dict[str, object]:
+        """ViTConfig fields the recipe needs (MET's adapters)."""
+        return {}
+
+    def allowed_heads(self) -> list[str]:
+        if self.heads is not None:
+            return list(self.heads)
+        return sorted(k for k, cls in HEADS.items() if not cls.has_gate)
+
+    def check_head(self, head: str) -> None:
+        if head not in self.allowed_heads():
+            raise ValueError(f"recipe {self.name!r} trains heads {self.allowed_heads()}, not {head!r}")
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        raise NotImplementedError
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register_recipe(cls: type[Recipe]) -> type[Recipe]:
+    if cls.name in RECIPES:
+        raise ValueError(f"recipe {cls.name!r} is already registered")
+    RECIPES[cls.name] = cls()
+    return cls
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; registered: {sorted(RECIPES)}") from None
+
+
+# -- shared pieces ---------------------------------------------------------------------------------
+
+
+def phase(cfg: TrainConfig, share: float, **changes: object) -> TrainConfig:
+    """`cfg` cut to `share` of its budget (epochs and max_steps), for one phase of a recipe."""
+    epochs = max(1, round(cfg.epochs * share))
+    steps = None if cfg.max_steps is None else max(1, round(cfg.max_steps * share))
+    return replace(cfg, epochs=epochs, max_steps=steps, **changes)  # type: ignore[arg-type]
+
+
+def weighted_ce(outs: list[dict[str, torch.Tensor]], y: torch.Tensor, weights: torch.Tensor,
+                smoothing: float) -> torch.Tensor:
+    losses = torch.stack([F.cross_entropy(o[LOGITS], y, label_smoothing=smoothing) for o in outs])
+    return (weights / weights.sum() * losses).sum()
+
+
+def frozen(modules: Iterable[nn.Module]) -> Callable[[], None]:
+    """Stop gradients into `modules`; returns the function that undoes it."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+
+    def restore() -> None:
+        for p in params:
+            p.requires_grad_(True)
+
+    return restore
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _fit_frozen(model: MultiExitViT, data: Split, cfg: TrainConfig, freeze: list[nn.Module],
+                objective: Objective, progress: bool) -> TrainResult:
+    restore = frozen(freeze)
+    try:
+        return train(model, data, cfg, progress=progress, objective=objective, parameters=trainable(model))
+    finally:
+        restore()
+
+
+# -- recipes ---------------------------------------------------------------------------------------
+
+
+@register_recipe
+class Joint(Recipe):
+    name = "joint"
+    summary = "every exit's cross-entropy, equal weights"
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        return train(model, data, replace(cfg, exit_weights=None), progress=progress)
+
+
+@register_recipe
+class PABEE(Recipe):
+    name = "pabee"
+    summary = "weighted average of the exits' losses, exit j weighted by j; patience-based exit"
+    criterion = "patience"
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        weights = tuple(float(j + 1) for j in range(model.num_stages))
+        return train(model, data, replace(cfg, exit_weights=weights), progress=progress)
+
+
+@register_recipe
+class DMPO(Recipe):
+    name = "dmpo"
+    summary = "two-phase loss weights: deep exits first, then discriminative ability moved to early exits"
+    default_head = "dmpo"
+    switch: ClassVar[float] = 0.5
+    """Share of the steps in the first phase."""
+
+    def weights(self, num_stages: int, progress: float) -> torch.Tensor:
+        j = torch.arange(1, num_stages + 1, dtype=torch.float32)
+        return j if progress < self.switch else num_stages + 1 - j
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
+            outs = m.forward_all(x)
+            return weighted_ce(outs, y, self.weights(len(outs), done), cfg.label_smoothing)
+
+        return train(model, data, cfg, progress=progress, objective=objective)
+
+
+@register_recipe
+class LGViT(Recipe):
+    name = "lgvit"
+    summary = "end to end, then self-distillation from the final exit with the backbone frozen"
+    default_head = "lgvit"
+    first_share: ClassVar[float] = 2 / 3
+    temperature: ClassVar[float] = 2.0
+    alpha: ClassVar[float] = 0.5  # weight of prediction distillation against the labels
+    beta: ClassVar[float] = 1.0  # weight of feature distillation (where the widths match)
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        first = train(model, data, phase(cfg, self.first_share, exit_weights=None), progress=progress)
+        t, a, b = self.temperature, self.alpha, self.beta
+
+        def distil(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
+            outs = m.forward_all(x)
+            teacher = outs[-1]
+            soft = F.softmax(teacher[LOGITS].detach() / t, dim=-1)
+            goal = teacher[FEATURES].detach()
+            loss = torch.zeros(())
+            for o in outs[:-1]:
+                ce = F.cross_entropy(o[LOGITS], y, label_smoothing=cfg.label_smoothing)
+                kd = F.kl_div(F.log_softmax(o[LOGITS] / t, dim=-1), soft, reduction="batchmean") * t * t
+                loss = loss + (1 - a) * ce + a * kd
+                if o[FEATURES].shape == goal.shape:
+                    loss = loss + b * F.mse_loss(o[FEATURES], goal)
+            return loss / max(1, len(outs) - 1)
+
+        freeze = [*model.backbone_modules(), model.heads[-1]]
+        second = _fit_frozen(model, data, phase(cfg, 1 - self.first_share), freeze, distil, progress)
+        return first.then(second)
+
+
+def graph_regulariser(features: torch.Tensor, anchor: torch.Tensor, y: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
+    """MET's graph regularisation of an early exit's features: a graph over the batch, edges
+    between samples of one class weighted by how alike the final exit sees them, and the Laplacian
+    smoothness sum_ij A_ij |f_i - f_j|^2 of the (normalised) early features on it."""
+    f = F.normalize(features, dim=-1)
+    g = F.normalize(anchor.detach(), dim=-1)
+    same = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool)
+    logits = (g @ g.T / tau).masked_fill(~same, float("-inf"))
+    adjacency = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # rows without a neighbour: 0
+    dist = (f[:, None, :] - f[None, :, :]).pow(2).sum(-1)
+    return (adjacency * dist).sum() / len(y)
+
+
+@register_recipe
+class MET(Recipe):
+    name = "met"
+    summary = "frozen backbone tuned with shared-projection exit adapters, graph regularisation at early exits"
+    adapter_dim: ClassVar[int] = 8
+    pretrain_share: ClassVar[float] = 0.5
+    gamma: ClassVar[float] = 0.1
+
+    def model_overrides(self) -> dict[str, object]:
+        return {"adapter_dim": self.adapter_dim}
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        if model.adapters is None:
+            raise ValueError("recipe 'met' needs a model with adapters (adapter_dim > 0)")
+        # 1. The backbone MET starts from: trained for its final exit only, adapters left out.
+        final_only = tuple([0.0] * (model.num_stages - 1) + [1.0])
+        restore = frozen([model.adapters, *model.heads[:-1]])
+        try:
+            first = train(model, data, phase(cfg, self.pretrain_share, exit_weights=final_only),
+                          progress=progress, parameters=trainable(model))
+        finally:
+            restore()
+        # 2. Parameter-efficient multi-exit tuning: backbone frozen, adapters and heads learn.
+        gamma = self.gamma
+
+        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
+            outs = m.forward_all(x)
+            loss = weighted_ce(outs, y, torch.ones(len(outs)), cfg.label_smoothing)
+            for o in outs[:-1]:
+                loss = loss + gamma * graph_regulariser(o[FEATURES], outs[-1][FEATURES], y)
+            return loss
+
+        second = _fit_frozen(model, data, phase(cfg, 1 - self.pretrain_share), model.backbone_modules(),
+                             objective, progress)
+        return first.then(second)
+
+
+def halting_distribution(gates: list[torch.Tensor]) -> torch.Tensor:
+    """p_i = lambda_i * prod_{j<i} (1 - lambda_j), [S, N]; the last gate is 1, so rows sum to 1."""
+    survive = torch.ones_like(gates[0])
+    probs = []
+    for g in gates:
+        probs.append(survive * g)
+        survive = survive * (1 - g)
+    return torch.stack(probs)
+
+
+@register_recipe
+class PALBERT(Recipe):
+    name = "palbert"
+    summary = "PonderNet loss on PALBERT's lambda layers: expected loss under halting + KL to a geometric prior"
+    criterion = "q_exit"
+    heads = ("palbert",)
+    default_head = "palbert"
+    beta: ClassVar[float] = 0.05
+    prior_lambda: ClassVar[float] = 0.2
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        s = model.num_stages
+        prior = self.prior_lambda * (1 - self.prior_lambda) ** torch.arange(s, dtype=torch.float32)
+        prior = prior / prior.sum()
+        beta = self.beta
+
+        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
+            outs = m.forward_all(x)
+            p = halting_distribution([o[GATE] for o in outs])  # [S, N]
+            ce = torch.stack([F.cross_entropy(o[LOGITS], y, reduction="none", label_smoothing=cfg.label_smoothing)
+                              for o in outs])
+            reconstruction = (p * ce).sum(0).mean()
+            kl = (p * (torch.log(p.clamp_min(1e-8)) - torch.log(prior)[:, None])).sum(0).mean()
+            return reconstruction + beta * kl
+
+        return train(model, data, cfg, progress=progress, objective=objective)
+
+
+@register_recipe
+class JEI(Recipe):
+    name = "jei"
+    summary = "JEI-DNN: gates and inference modules trained jointly, each level against the other's output"
+    criterion = "gate"
+    heads = ("jei",)
+    default_head = "jei"
+    cost_weight: ClassVar[float] = 0.5
+    """Price of the full depth in units of cross-entropy: the gates' accuracy/cost trade-off."""
+    warmup: ClassVar[float] = 0.3
+    """Share of steps where the inference modules train alone (equal weights) before gating starts."""
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        s = model.num_stages
+        cost = self.cost_weight * torch.arange(1, s + 1, dtype=torch.float32) / s
+        warmup = self.warmup
+
+        def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
+            outs = m.forward_all(x)
+            ce = torch.stack([F.cross_entropy(o[LOGITS], y, reduction="none", label_smoothing=cfg.label_smoothing)
+                              for o in outs])  # [S, N]
+            q = halting_distribution([o[GATE] for o in outs])  # where the gates send each sample
+            # Upper level: the inference modules, weighted by the (fixed) routing, half uniform so
+            # every module keeps learning; during warm-up, uniform only.
+            route = 0.5 / s + 0.5 * q.detach() if done >= warmup else torch.full_like(q, 1 / s)
+            im_loss = (route * ce).sum(0).mean()
+            # Lower level: gates fitted to the exit that best trades the (fixed) modules' loss for cost.
+            target = torch.softmax(-(ce.detach() + cost[:, None]) / 0.1, dim=0)
+            gate_loss = -(target * torch.log(q.clamp_min(1e-8))).sum(0).mean()
+            return im_loss + (gate_loss if done >= warmup else 0.0 * gate_loss)
+
+        return train(model, data, cfg, progress=progress, objective=objective)
+
+
+@register_recipe
+class MuE(Recipe):
+    name = "mue"
+    summary = "one classifier shared by every layer, every layer's task loss; head-free similarity exit"
+    criterion = "similarity"
+    default_head = "shared"
+
+    def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+        return train(model, data, replace(cfg, exit_weights=None), progress=progress)
+
+
+@dataclass(frozen=True)
+class RecipeRun:
+    """What `train_recipe` produced."""
+
+    model: MultiExitViT
+    recipe: str
+    head: str
+    dataset: str
+    result: TrainResult
+
+
+# Same settings as the demo (model_export/demo.py DEMO_TRAIN), so `joint` + `linear` is the demo.
+RECIPE_TRAIN: dict[str, object] = {"epochs": 30, "batch_size": 64, "lr": 3e-3, "label_smoothing": 0.1,
+                                   "max_shift": 0}
+
+
+def train_recipe(
+    recipe: str,
+    head: str | None = None,
+    *,
+    dataset: str = "digits",
+    variant: str = "demo",
+    seed: int = 0,
+    progress: bool = True,
+    splits: Splits | None = None,
+    **train_overrides: object,
+) -> tuple[RecipeRun, Splits]:
+    """Build `variant` with `head` (default: the recipe's), train it with `recipe` on `dataset`."""
+    from model_export.data import load_splits
+    from model_export.train import seed_everything
+    from model_export.vit import vit
+
+    r = get_recipe(recipe)
+    head = head or r.default_head
+    r.check_head(head)
+    splits = splits or load_splits(dataset, seed=0)  # the split is fixed; `seed` varies the model
+    mean, std = splits.pixel_stats()
+    cfg = TrainConfig(**{**RECIPE_TRAIN, "seed": seed, **train_overrides})  # type: ignore[arg-type]
+    seed_everything(seed, cfg.threads)
+    model = vit(variant, head=head, input_mean=mean, input_std=std, **r.model_overrides())
+    result = r.fit(model, splits.train, cfg, progress=progress)
+    model.eval()
+    return RecipeRun(model, r.name, head, dataset, result), splits
+
+
+def export_recipe(run: RecipeRun, out: Path, splits: Splits, *, name: str, seed: int = 0) -> Path:
+    """Export a trained recipe into a bundle whose default policy uses the recipe's criterion;
+    the checkpoint beside it remembers data set, recipe and criterion for `offramp export`."""
+    from model_export.checkpoint import save_checkpoint
+    from model_export.export import DATASET_EXPORT_CONFIGS, EXPORT_CONFIGS, export_bundle
+
+    r = get_recipe(run.recipe)
+    out = export_bundle(
+        run.model, Path(out), splits, name=name, cfg=EXPORT_CONFIGS[DATASET_EXPORT_CONFIGS[run.dataset]],
+        criterion=r.criterion,
+        created_by=f"offramp train --recipe {run.recipe} --head {run.head} ({run.dataset}, seed {seed}): "
+        f"{run.result.steps} steps in {run.result.seconds:.1f} s",
+    )
+    save_checkpoint(out / "checkpoint.pt", run.model, name=name, data={
+        "dataset": run.dataset, "split_seed": 0, "seed": seed, "recipe": run.recipe, "criterion": r.criterion})
+    return out

@@ -1,0 +1,139 @@
+"""Every registered recipe: trains for a few steps, exports a checked bundle whose default policy
+uses the recipe's criterion, and serves through the engine. `RECIPE_CASES` lists the covered
+recipes; the meta-test fails when a recipe is registered without a case here."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from model_export.data import load_digits_splits, load_hard_digits_splits, load_splits  # noqa: E402
+from model_export.recipes import (  # noqa: E402
+    RECIPES,
+    export_recipe,
+    get_recipe,
+    graph_regulariser,
+    halting_distribution,
+    train_recipe,
+)
+from server.bundle import load_bundle  # noqa: E402
+from tests.model_export.test_heads import serve  # noqa: E402
+
+# recipe -> (default head, served criterion, calibration array the criterion reads)
+RECIPE_CASES: dict[str, tuple[str, str, str | None]] = {
+    "joint": ("linear", "max_prob", None),
+    "pabee": ("linear", "patience", None),
+    "dmpo": ("dmpo", "max_prob", None),
+    "lgvit": ("lgvit", "max_prob", None),
+    "met": ("linear", "max_prob", None),
+    "palbert": ("palbert", "q_exit", "gate"),
+    "jei": ("jei", "gate", "gate"),
+    "mue": ("shared", "similarity", "similarity"),
+}
+
+
+def test_every_registered_recipe_has_a_case() -> None:
+    assert set(RECIPE_CASES) == set(RECIPES), "add the new recipe to RECIPE_CASES (train, export, serve)"
+
+
+@pytest.fixture(scope="module")
+def splits():  # noqa: ANN201
+    return load_digits_splits()
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_CASES))
+def test_recipe_trains_exports_and_serves(recipe: str, splits, tmp_path: Path) -> None:  # noqa: ANN001
+    head, criterion, array = RECIPE_CASES[recipe]
+    run, _ = train_recipe(recipe, variant="tiny", progress=False, splits=splits, max_steps=4, threads=1)
+    assert run.head == head and run.result.steps == 4
+    bundle = load_bundle(export_recipe(run, tmp_path / recipe, splits, name=f"r-{recipe}"))
+    m = bundle.manifest
+    assert m.default_policy.criterion == criterion
+    assert all(s.head == head for s in m.stages)
+    calib = bundle.calibration()
+    if array is not None:
+        values = getattr(calib, array)
+        assert values is not None and values.shape == (m.num_stages, len(calib.labels))
+    labels, stages = serve(bundle, splits.test.x[:10])
+    assert labels.shape == (10,) and ((stages >= 0) & (stages < m.num_stages)).all()
+
+
+def test_met_trains_only_adapters_and_heads_after_pretraining(splits) -> None:  # noqa: ANN001
+    """The backbone MET tunes is frozen: phase 2 leaves embedding and blocks as phase 1 left them."""
+    recipe = get_recipe("met")
+    from model_export.train import TrainConfig, seed_everything
+    from model_export.vit import vit
+
+    seed_everything(0, 1)
+    model = vit("tiny", **recipe.model_overrides())
+    snapshots: list[dict[str, torch.Tensor]] = []
+    import model_export.recipes as recipes
+
+    real_train = recipes.train
+
+    def spy(model, data, cfg, **kw):  # noqa: ANN001, ANN003, ANN202
+        result = real_train(model, data, cfg, **kw)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return result
+
+    recipes.train = spy
+    try:
+        recipe.fit(model, splits.train, TrainConfig(epochs=1, max_steps=4, threads=1), progress=False)
+    finally:
+        recipes.train = real_train
+    first, second = snapshots
+    backbone = [k for k in first if k.startswith(("embed.", "blocks."))]
+    assert backbone and all(torch.equal(first[k], second[k]) for k in backbone)
+    assert not torch.equal(first["adapters.up.weight"], second["adapters.up.weight"])
+    assert torch.equal(first["adapters.up.weight"], torch.zeros_like(first["adapters.up.weight"]))
+
+
+def test_halting_distribution_sums_to_one() -> None:
+    gates = [torch.tensor([0.2, 0.9]), torch.tensor([0.5, 0.1]), torch.ones(2)]
+    p = halting_distribution(gates)
+    torch.testing.assert_close(p.sum(0), torch.ones(2))
+    torch.testing.assert_close(p[:, 0], torch.tensor([0.2, 0.4, 0.4]))
+
+
+def test_graph_regulariser_pulls_same_class_features_together() -> None:
+    y = torch.tensor([0, 0, 1, 1])
+    anchor = torch.randn(4, 8)
+    apart = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0], [0, 1.0]])
+    together = torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0], [0, 1.0]])
+    assert graph_regulariser(together, anchor, y) < 1e-6 < graph_regulariser(apart, anchor, y)
+
+
+def test_recipes_refuse_heads_they_do_not_train() -> None:
+    with pytest.raises(ValueError, match="palbert"):
+        train_recipe("palbert", "linear", variant="tiny", progress=False, max_steps=1)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("nope")
+
+
+def test_hard_digits_are_the_same_digits_moved_and_noisy() -> None:
+    easy, hard = load_digits_splits(), load_hard_digits_splits()
+    assert (easy.test.y == hard.test.y).all() and hard.test.x.shape == easy.test.x.shape
+    assert hard.test.x.min() >= 0 and hard.test.x.max() <= 16
+    assert np.abs(hard.test.x - easy.test.x).mean() > 1.0
+    assert (load_splits("digits-hard").test.x == hard.test.x).all()  # fixed, run after run
+
+
+def test_offramp_train_writes_a_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model_export.cli import register
+
+    parser = argparse.ArgumentParser(prog="offramp")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "--recipe", "mue", "--variant", "tiny", "--max-steps", "3",
+                              "--dataset", "digits-hard", "--out", str(tmp_path / "b"), "--quiet"])
+    assert args.func(args) == 0
+    m = load_bundle(tmp_path / "b").manifest
+    assert m.name == "digits-mue-shared-hard" and m.default_policy.criterion == "similarity"
+    assert "noise" in m.input.preprocessing and "digits-mue-shared-hard" in capsys.readouterr().out
+    args = parser.parse_args(["train", "--recipe", "jei", "--head", "linear", "--out", str(tmp_path / "c")])
+    assert args.func(args) == 2
