@@ -98,9 +98,11 @@ def build_heavy_model(input_mean: float = 0.0, input_std: float = 1.0, **overrid
 
 
 def build_heavy_bundle(
-    out: Path, *, seed: int = 0, progress: bool = True, max_steps: int | None = None, **overrides: Any
+    out: Path, *, seed: int = 0, progress: bool = True, max_steps: int | None = None, threads: int | None = None,
+    **overrides: Any,
 ) -> Path:
-    """Train and export the heavy preset into `out`. `max_steps` cuts training short (for checks)."""
+    """Train and export the heavy preset into `out`. `max_steps` cuts training short (for checks);
+    `threads` sets torch's intra-op threads (default 1, the 2-core budget; more on a bigger host)."""
     from model_export.data import load_digits_splits
     from model_export.demo import save_checkpoint_for
     from model_export.export import EXPORT_CONFIGS, export_bundle
@@ -110,6 +112,8 @@ def build_heavy_bundle(
     splits = load_digits_splits(seed=0)  # the demo's split: same test data for every preset
     mean, std = splits.pixel_stats()
     train_cfg = {**HEAVY_TRAIN, "max_steps": max_steps}
+    if threads is not None:
+        train_cfg["threads"] = threads
     seed_everything(seed, train_cfg["threads"])
     model = build_heavy_model(mean, std, **overrides)
     started = time.perf_counter()
@@ -155,14 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="bundle directory (default: <cache_dir>/heavy, cached)")
     parser.add_argument("--max-steps", type=int, help="stop training after N steps (a quick check)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for training (default 1)")
     args = parser.parse_args(argv)
-    if args.out is None and args.max_steps is None:
+    if args.out is None and args.max_steps is None and args.threads is None:
         from server.settings import Settings
 
         print(ensure_heavy_bundle(Settings().cache_dir))
         return 0
     out = args.out or Path(tempfile.mkdtemp(prefix="offramp-heavy-"))
-    build_heavy_bundle(out, seed=args.seed, max_steps=args.max_steps)
+    build_heavy_bundle(out, seed=args.seed, max_steps=args.max_steps, threads=args.threads)
     print(out)
     return 0
 
