@@ -147,9 +147,6 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     log.info("offramp %s settings: %s", __version__, redacted(settings))
-    import os
-    if os.environ.get("X_SWITCH"):
-        sys.setswitchinterval(float(os.environ["X_SWITCH"]))
     try:
         app = create_app(settings)
     except BundleError as err:
