@@ -258,5 +258,5 @@ def test_cuda_keeps_the_hidden_state_on_the_gpu(onnx_bundle) -> None:
     last = gpu.run(2, gpu.run(1, merged).hidden)
     want_last = cpu.run(2, cpu.run(1, want).hidden)
     assert last.hidden is None
-    np.testing.assert_allclose(last.logits, want_last.logits, atol=1e-3)
-    np.testing.assert_allclose(last.similarity, want_last.similarity, atol=1e-4)
+    np.testing.assert_allclose(last.logits, want_last.logits, rtol=1e-2, atol=2e-2)  # TF32, see above
+    np.testing.assert_allclose(last.similarity, want_last.similarity, atol=1e-2)
