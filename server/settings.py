@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     """Execution provider: `cuda` requires onnxruntime-gpu with a visible GPU; `auto` uses CUDA when
     onnxruntime offers it, CPU otherwise."""
 
+    cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = "HEURISTIC"
+    """cuDNN convolution algorithm choice on CUDA. EXHAUSTIVE (onnxruntime's own default) benchmarks
+    again for every new input shape, and dynamic batching makes every batch size a new shape."""
+
     intra_op_threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads per stage session (0: onnxruntime's default, one per core).
     Spinning is always off on CPU: chained sessions that spin fight each other for the cores."""

@@ -75,11 +75,11 @@ async def _batched_and_alone(engine: Engine, model: str, x: np.ndarray,
     return batched, alone
 
 
-def _assert_same(batched: InferResult, alone: list[InferResult]) -> None:
+def _assert_same(batched: InferResult, alone: list[InferResult], atol: float = 1e-6) -> None:
     assert batched.labels.tolist() == [int(r.labels[0]) for r in alone]
     assert batched.exit_stage.tolist() == [int(r.exit_stage[0]) for r in alone]
     np.testing.assert_allclose(batched.probabilities, np.concatenate([r.probabilities for r in alone]),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=atol)
 
 
 @pytest.fixture(scope="module")
@@ -228,4 +228,4 @@ def test_cuda_engine_answers_like_the_cpu_engine(helper_bundle: Bundle) -> None:
     assert gpu.labels.tolist() == cpu.labels.tolist()
     # onnxruntime's CUDA provider uses TF32 matmuls on Ampere and later: up to ~5e-3 from the CPU's FP32.
     np.testing.assert_allclose(gpu.probabilities, cpu.probabilities, atol=1e-2)
-    _assert_same(gpu, gpu_together)
+    _assert_same(gpu, gpu_together, atol=1e-2)  # TF32 kernels differ with the batch size
