@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import tempfile
 import time
@@ -137,21 +136,9 @@ def build_heavy_bundle(
 
 def ensure_heavy_bundle(cache_dir: Path, *, progress: bool = True) -> Path:
     """`<cache_dir>/heavy`, built on first use; a half-built bundle is never left in its place."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / "heavy"
-    if (target / "manifest.json").is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".heavy-build-", dir=cache_dir))
-    try:
-        build_heavy_bundle(tmp, progress=progress)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    from model_export.demo import ensure_bundle
+
+    return ensure_bundle(Path(cache_dir) / "heavy", lambda tmp: build_heavy_bundle(tmp, progress=progress))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_NAME = "digits-vit"
@@ -80,17 +81,16 @@ def build_tiny_bundle(out: Path, *, seed: int = 0) -> Path:
     return _build(Path(out), name=TINY_NAME, variant="tiny", train_cfg=TINY_TRAIN, seed=seed, progress=False)
 
 
-def ensure_demo_bundle(cache_dir: Path, *, progress: bool = True) -> Path:
-    """`<cache_dir>/demo`, built on first use. The build goes to a temporary sibling directory
-    that is renamed into place when complete, so a half-built bundle is never served."""
-    cache_dir = Path(cache_dir)
-    target = cache_dir / "demo"
+def ensure_bundle(target: Path, build: Callable[[Path], object]) -> Path:
+    """`target`, built with `build(tmp)` on first use. The build goes to a temporary sibling
+    directory renamed into place when complete, so a half-built bundle is never served."""
+    target = Path(target)
     if (target / "manifest.json").is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-build-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-build-", dir=target.parent))
     try:
-        build_demo_bundle(tmp, progress=progress)
+        build(tmp)
         if (target / "manifest.json").is_file():  # another process finished first: keep theirs
             shutil.rmtree(tmp)
             return target
@@ -101,3 +101,8 @@ def ensure_demo_bundle(cache_dir: Path, *, progress: bool = True) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def ensure_demo_bundle(cache_dir: Path, *, progress: bool = True) -> Path:
+    """`<cache_dir>/demo`, built on first use (see `ensure_bundle`)."""
+    return ensure_bundle(Path(cache_dir) / "demo", lambda tmp: build_demo_bundle(tmp, progress=progress))

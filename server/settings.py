@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 STORE_SCHEMES = ("redis", "rediss", "unix")
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "admin", "password", "xxx"}
