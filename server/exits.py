@@ -95,12 +95,14 @@ def advance(
     state: ExitState,
     gate: np.ndarray | None = None,
     similarity: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ExitState]:
     """Scores of one stage for every sample, the predicted labels, and the updated state.
 
     The state is updated whether or not this exit is enabled (patience counts every exit).
+    `probs`, when the caller already has `softmax(logits)`, spares computing it again.
     """
-    probs = softmax(logits)
+    probs = softmax(logits) if probs is None else probs
     labels = probs.argmax(axis=-1).astype(np.int64)
     same = labels == state.prev_label
     run = np.where(same, state.run + 1, 1).astype(np.int32)
@@ -147,9 +149,10 @@ def decide(
     state: ExitState,
     gate: np.ndarray | None = None,
     similarity: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ExitState]:
     """Exit mask (bool [N]) of one early exit, the predicted labels, and the updated state."""
-    score, labels, new_state = advance(criterion, logits, state, gate, similarity)
+    score, labels, new_state = advance(criterion, logits, state, gate, similarity, probs)
     if threshold is None:
         return np.zeros(len(score), dtype=bool), labels, new_state
     return score >= score_threshold(criterion, threshold), labels, new_state

@@ -385,7 +385,7 @@ class ModelScheduler:
             if similarity is None and policy.criterion in NEEDS_SIMILARITY:
                 similarity = np.full(n, np.nan, np.float32)  # nothing before stage 0: never exits here
             exit_mask, labels, state = decide(policy.criterion, policy.threshold(stage), out.logits,
-                                              batch.state, out.gate, similarity)
+                                              batch.state, out.gate, similarity, probs)
             exit_mask &= ~batch.full
         alive = batch.alive()
         survivors = shadow = None
@@ -401,6 +401,7 @@ class ModelScheduler:
                 shadow = _Chunk(out.hidden, np.empty(len(pick), dtype=object), batch.sample[pick],
                                 np.ones(len(pick), bool), labels[pick].astype(np.int64), state.take(pick),
                                 pick)
+        finished: list[_Request] = []
         with self._cond:
             answered = 0
             for i in np.flatnonzero(exit_mask):
@@ -413,7 +414,7 @@ class ModelScheduler:
                 answered += 1
                 if req.remaining == 0:
                     req.done = True
-                    _post(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
+                    finished.append(req)
             self._load -= answered
             if survivors is not None:
                 self._queues[stage + 1].append(survivors)
@@ -422,6 +423,9 @@ class ModelScheduler:
                 self._shadow[stage + 1].append(shadow)
             self._report_depths()
             self._cond.notify_all()
+        # Wake the event loop only once the lock is free: its next submit must not wait for us.
+        for req in finished:
+            _post(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
         self.metrics.samples_exited(self.name, stage, answered, answered * float(self.cum_flops[stage]),
                                     answered * float(self.cum_flops[-1]))
 
