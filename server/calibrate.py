@@ -22,16 +22,13 @@ what gets reported.
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
-from server.bundle import GATE, SIMILARITY, Calibration, Manifest, PolicySpec
+from server.bundle import GATE, SIMILARITY, Calibration, Manifest
 from server.exits import NEEDS_GATE, NEEDS_SIMILARITY, ExitState, advance, decide, softmax, threshold_range
 
 BASE_CRITERIA = ("max_prob", "margin", "entropy", "patience")
@@ -393,121 +390,3 @@ def frontier(
             seen[key] = simulate(calibration, criterion, thresholds, per_stage)
     points = {(r.compute_fraction, r.agreement, r.accuracy) for r in seen.values()}
     return sorted(points)
-
-
-# -- offramp calibrate ------------------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `offramp calibrate` to the CLI."""
-    parser = subparsers.add_parser(
-        "calibrate", help="choose per-exit thresholds for a target from a bundle's calibration data",
-        description="Choose per-exit thresholds that meet a target on the bundle's calibration data at the "
-        "least expected compute; print them with the expected exit histogram, compute, agreement and "
-        "accuracy.",
-    )
-    parser.add_argument("bundle", type=Path, metavar="DIR", help="bundle directory")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--target-agreement", type=float, metavar="FRAC",
-                        help="least share of answers agreeing with the full model, e.g. 0.99")
-    target.add_argument("--target-accuracy", type=float, metavar="FRAC", help="least accuracy on the labels")
-    target.add_argument("--compute-budget", type=float, metavar="FRAC",
-                        help="most expected compute, as a fraction of full-depth FLOPs "
-                        "(best agreement within it)")
-    parser.add_argument("--criterion", default="all",
-                        help="exit criterion to calibrate, or 'all' for every one the bundle supports [all]")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png",
-                        help="write agreement and accuracy against compute fraction for each criterion")
-    parser.add_argument("--write-default", action="store_true",
-                        help="store the best result as the bundle's default policy in manifest.json")
-    parser.set_defaults(func=run_cli)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from server.bundle import BundleError, load_bundle, write_manifest
-
-    try:
-        bundle = load_bundle(args.bundle)
-        calib = bundle.calibration()
-    except BundleError as err:
-        print(f"offramp calibrate: {err}", file=sys.stderr)
-        return 2
-    manifest = bundle.manifest
-    usable = available_criteria(manifest, calib)
-    criteria = usable if args.criterion == "all" else [args.criterion]
-    if args.criterion != "all" and args.criterion not in usable:
-        print(f"offramp calibrate: criterion {args.criterion!r} is not available for this bundle; "
-              f"choose from {usable} or 'all'", file=sys.stderr)
-        return 2
-    (target, value), = ((k, getattr(args, k)) for k in TARGETS if getattr(args, k) is not None)
-    results: dict[str, CalibrationResult] = {}
-    for criterion in criteria:
-        try:
-            results[criterion] = calibrate(calib, manifest, criterion=criterion, **{target: value})
-        except ValueError as err:
-            print(f"{criterion}: {err}", file=sys.stderr)
-            if "must be in" in str(err):
-                return 2
-    print(results_table(manifest, len(calib.labels), target, value, results))
-
-    status = 0 if results else 1
-    if args.plot is not None:
-        from server.plots import PlotUnavailable, plot_frontiers
-
-        curves = {c: frontier(calib, manifest, c) for c in criteria}
-        chosen = {c: (r.report.compute_fraction, r.report.agreement, r.report.accuracy)
-                  for c, r in results.items()}
-        try:
-            path = plot_frontiers(curves, args.plot, chosen=chosen, target=(target, value),
-                                  title=f"{manifest.name}: quality against compute (calibration data)")
-            print(f"plot written to {path}")
-        except PlotUnavailable as err:
-            print(f"offramp calibrate: {err}", file=sys.stderr)
-            status = 2
-    if args.write_default and results:
-        best = best_result(results)
-        spec = PolicySpec(criterion=best.criterion, thresholds=best.thresholds)  # type: ignore[arg-type]
-        path = write_manifest(bundle.root, manifest.model_copy(update={"default_policy": spec}))
-        print(f"default policy written to {path}: {best.criterion} {_show(best.thresholds)}")
-    return status
-
-
-def best_result(results: dict[str, CalibrationResult]) -> CalibrationResult:
-    """The criterion that meets the target most cheaply (for a budget: with the best agreement)."""
-    def rank(r: CalibrationResult) -> tuple[float, float]:
-        if r.target == "compute_budget":
-            return -r.report.agreement, r.report.compute_fraction
-        quality = r.report.agreement if r.target == "target_agreement" else r.report.accuracy
-        return r.report.compute_fraction, -quality
-
-    return min(results.values(), key=rank)
-
-
-def results_table(manifest: Manifest, samples: int, target: str, value: float,
-                  results: dict[str, CalibrationResult]) -> str:
-    goal = {"target_agreement": "agreement >=", "target_accuracy": "accuracy >=",
-            "compute_budget": "compute <="}
-    lines = [
-        f"{manifest.name}: {manifest.num_stages} stages, {samples} calibration samples, "
-        f"target {goal[target]} {value:g}",
-        f"{'criterion':<11}{'compute':>8}{'agreement':>10}{'accuracy':>9}{'global':>8}  "
-        f"{'exits per stage':<{6 * manifest.num_stages}} thresholds",
-    ]
-    for criterion, r in results.items():
-        exits = " ".join(f"{h:>5.0%}" for h in r.report.exit_histogram)
-        lines.append(
-            f"{criterion:<11}{r.report.compute_fraction:>8.3f}{r.report.agreement:>10.4f}"
-            f"{r.report.accuracy:>9.4f}{r.global_report.compute_fraction:>8.3f}  "
-            f"{exits:<{6 * manifest.num_stages}} {_show(r.thresholds)}"
-        )
-    if results:
-        best = best_result(results)
-        lines.append(f"best: {best.criterion} (compute {best.report.compute_fraction:.3f} of full depth; "
-                     "'global' is the compute of the best single threshold for all exits)")
-    else:
-        lines.append("no criterion meets the target on the calibration data")
-    return "\n".join(lines)
-
-
-def _show(thresholds: Sequence[float | None]) -> str:
-    return "[" + ", ".join("null" if t is None else f"{t:.6g}" for t in thresholds) + "]"

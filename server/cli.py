@@ -29,7 +29,7 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from server import __version__
-from server.calibrate import register as register_calibrate
+from server.calibrate_cli import register as register_calibrate
 from server.settings import Settings
 
 log = logging.getLogger("offramp.cli")
