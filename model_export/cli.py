@@ -157,7 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="compare every recipe x head at equal budget; curves and a table in Markdown (export extra)",
         description="Train every recipe x head on digits and digits-hard at the same budget; write "
-        "accuracy-against-compute curves (PNG) and a table at 30/50/70 %% of full-depth FLOPs.",
+        "accuracy-against-compute curves (PNG) and a table at 30/50/70 % of full-depth FLOPs.",
     )
     p.add_argument("--out", type=Path, default=Path("docs/recipes.md"), help="Markdown file [docs/recipes.md]")
     p.add_argument("--img", type=Path, default=Path("docs/img"), help="folder for the PNGs [docs/img]")
