@@ -104,6 +104,9 @@ class _Batch:
 
 
 def _merge(parts: list[_Chunk]) -> _Batch:
+    if len(parts) == 1:  # the common case: no copies
+        p = parts[0]
+        return _Batch(_Chunk(None, p.owners, p.sample, p.full, p.early_label, p.state), parts)
     meta = _Chunk(
         None,
         np.concatenate([p.owners for p in parts]),
@@ -113,6 +116,20 @@ def _merge(parts: list[_Chunk]) -> _Batch:
         ExitState.concat([p.state for p in parts]) if len(parts) > 1 else parts[0].state,
     )
     return _Batch(meta, parts)
+
+
+def _by_request(owners: np.ndarray, rows: np.ndarray) -> list[tuple[_Request, np.ndarray]]:
+    """The rows of a batch grouped by the request that owns them (most batches have one owner)."""
+    if len(rows) == 0:
+        return []
+    picked = owners[rows]
+    first = picked[0]
+    if all(o is first for o in picked):
+        return [(first, rows)]
+    groups: dict[int, tuple[_Request, list[int]]] = {}
+    for row, owner in zip(rows.tolist(), picked, strict=True):
+        groups.setdefault(id(owner), (owner, []))[1].append(row)
+    return [(owner, np.asarray(r, dtype=np.int64)) for owner, r in groups.values()]
 
 
 def _post(loop: asyncio.AbstractEventLoop, *args: Any) -> None:
@@ -404,14 +421,13 @@ class ModelScheduler:
         finished: list[_Request] = []
         with self._cond:
             answered = 0
-            for i in np.flatnonzero(exit_mask):
-                req: _Request = batch.owners[i]
+            for req, rows in _by_request(batch.owners, np.flatnonzero(exit_mask)):
                 if req.done:
                     continue
-                j = batch.sample[i]
-                req.labels[j], req.probs[j], req.exit_stage[j] = labels[i], probs[i], stage
-                req.remaining -= 1
-                answered += 1
+                j = batch.sample[rows]  # whole-array writes: no per-sample Python on big batches
+                req.labels[j], req.probs[j], req.exit_stage[j] = labels[rows], probs[rows], stage
+                req.remaining -= len(rows)
+                answered += len(rows)
                 if req.remaining == 0:
                     req.done = True
                     finished.append(req)
