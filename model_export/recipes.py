@@ -175,6 +175,9 @@ class LGViT(Recipe):
     name = "lgvit"
     summary = "end to end, then self-distillation from the final exit with the backbone frozen"
     default_head = "lgvit"
+    # Not MuE's `shared` head: its early exits are the final exit's classifier, which stage two
+    # freezes as the teacher, so nothing would be left to distil into.
+    heads = ("dmpo", "lgvit", "linear")
     first_share: ClassVar[float] = 2 / 3
     temperature: ClassVar[float] = 2.0
     alpha: ClassVar[float] = 0.5  # weight of prediction distillation against the labels
