@@ -38,14 +38,19 @@ def plot_frontiers(
     one line per criterion; `chosen` marks each criterion's calibrated policy; `target` draws the
     target (`("target_agreement", 0.99)`, `("target_accuracy", ...)` or `("compute_budget", ...)`)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
-    for criterion, points in curves.items():
+    many = len(curves) > 8  # e.g. `offramp compare`: the legend goes beside the plots
+    fig, axes = plt.subplots(1, 2, figsize=(15 if many else 11, 5.5 if many else 4.5), sharex=True)
+    # 10 colours x 3 line styles: up to 30 curves stay distinguishable.
+    colours = plt.get_cmap("tab10").colors
+    styles = ("-", "--", ":")
+    for i, (criterion, points) in enumerate(curves.items()):
         pts = sorted(points)
         if not pts:
             continue
         compute = [p[0] for p in pts]
-        line = axes[0].plot(compute, [p[1] for p in pts], marker=".", label=criterion)[0]
-        axes[1].plot(compute, [p[2] for p in pts], marker=".", color=line.get_color(), label=criterion)
+        look = {"color": colours[i % 10], "linestyle": styles[(i // 10) % 3]}
+        line = axes[0].plot(compute, [p[1] for p in pts], marker=".", label=criterion, **look)[0]
+        axes[1].plot(compute, [p[2] for p in pts], marker=".", label=criterion, **look)
         if chosen and criterion in chosen:
             c, agreement, accuracy = chosen[criterion]
             axes[0].plot([c], [agreement], marker="*", markersize=14, color=line.get_color())
@@ -62,7 +67,10 @@ def plot_frontiers(
         else:
             axes[0 if kind == "target_agreement" else 1].axhline(
                 value, color="grey", linestyle="--", linewidth=1, label="target")
-    axes[0].legend(loc="lower right", fontsize="small")
+    if many:
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="x-small", ncol=1)
+    else:
+        axes[0].legend(loc="lower right", fontsize="small")
     fig.suptitle(title or "exit policies: quality against compute (calibration data; * = chosen)")
     fig.tight_layout()
     out = Path(path)
