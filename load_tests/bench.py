@@ -116,19 +116,6 @@ def policy_bundle(bundle_dir: Path, criterion: str, thresholds: list[float | Non
     return where
 
 
-def _session(path: Path, threads: int, device: str = "cpu"):  # noqa: ANN202 (onnxruntime imported lazily)
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), so, providers=providers)
-
-
 def _requests(cfg: BenchConfig, batch: int) -> int:
     return max(cfg.min_requests, cfg.samples_per_trial // batch)
 
@@ -155,6 +142,7 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
     from server.engine import Engine
     from server.metrics import Metrics
     from server.policy import ExitPolicy
+    from server.runtime import open_session
     from server.settings import Settings
 
     m = bundle.manifest
@@ -165,7 +153,7 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
     )
     policy = ExitPolicy(cfg.criterion, tuple(thresholds), version=1)
     engine = Engine([bundle], settings, Metrics(), {bundle.name: policy})
-    reference = _session(bundle.reference_path(), cfg.threads, cfg.device)
+    reference = open_session(bundle.reference_path(), device=cfg.device, intra_op_threads=cfg.threads)
     last = m.num_stages - 1
     await engine.start()
     try:

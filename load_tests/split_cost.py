@@ -26,14 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.bundle import load_bundle
-
-
-def _session(path: Path, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+from server.runtime import open_session
 
 
 def measure(
@@ -44,8 +37,9 @@ def measure(
     m = bundle.manifest
     if bundle.reference_path() is None:
         raise SystemExit(f"{bundle_dir}: this bundle has no reference.onnx to compare with")
-    stages = [(_session(bundle.stage_path(i), threads), s.inputs[0].name) for i, s in enumerate(m.stages)]
-    reference = _session(bundle.reference_path(), threads)
+    stages = [(open_session(bundle.stage_path(i), intra_op_threads=threads), s.inputs[0].name)
+              for i, s in enumerate(m.stages)]
+    reference = open_session(bundle.reference_path(), intra_op_threads=threads)
     rng = np.random.default_rng(seed)
 
     def chained(x: np.ndarray) -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -50,6 +49,7 @@ from server.bundle import (
     sha256_file,
     write_manifest,
 )
+from server.runtime import open_session
 
 
 class ExportCheckError(RuntimeError):
@@ -117,13 +117,6 @@ class _Reference(nn.Module):
         return tuple(self.model(x))
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def _onnx_export(
     module: nn.Module,
     example: torch.Tensor,
@@ -162,8 +155,8 @@ def check_export(
 ) -> None:
     """Every check of step 2 on inputs `x`; raises `ExportCheckError` listing all mismatches."""
     problems: list[str] = []
-    sessions = [_session(out / stage_file(i)) for i in range(model.num_stages)]
-    ref = _session(out / REFERENCE) if reference else None
+    sessions = [open_session(out / stage_file(i)) for i in range(model.num_stages)]
+    ref = open_session(out / REFERENCE) if reference else None
     for n in cfg.check_batch_sizes:
         xb = np.resize(x, (n, *x.shape[1:])).astype(np.float32)  # repeats rows when n > len(x)
         with torch.no_grad():

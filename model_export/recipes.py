@@ -95,10 +95,16 @@ def phase(cfg: TrainConfig, share: float, **changes: object) -> TrainConfig:
     return replace(cfg, epochs=epochs, max_steps=steps, **changes)  # type: ignore[arg-type]
 
 
+def exit_ce(outs: list[dict[str, torch.Tensor]], y: torch.Tensor, smoothing: float,
+            reduction: str = "mean") -> torch.Tensor:
+    """Every exit's cross-entropy, stacked: [S] (`reduction="mean"`) or [S, N] (`"none"`)."""
+    return torch.stack([F.cross_entropy(o[LOGITS], y, reduction=reduction, label_smoothing=smoothing)
+                        for o in outs])
+
+
 def weighted_ce(outs: list[dict[str, torch.Tensor]], y: torch.Tensor, weights: torch.Tensor,
                 smoothing: float) -> torch.Tensor:
-    losses = torch.stack([F.cross_entropy(o[LOGITS], y, label_smoothing=smoothing) for o in outs])
-    return (weights / weights.sum() * losses).sum()
+    return (weights / weights.sum() * exit_ce(outs, y, smoothing)).sum()
 
 
 def frozen(modules: Iterable[nn.Module]) -> Callable[[], None]:
@@ -285,8 +291,7 @@ class PALBERT(Recipe):
         def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
             outs = m.forward_all(x)
             p = halting_distribution([o[GATE] for o in outs])  # [S, N]
-            ce = torch.stack([F.cross_entropy(o[LOGITS], y, reduction="none", label_smoothing=cfg.label_smoothing)
-                              for o in outs])
+            ce = exit_ce(outs, y, cfg.label_smoothing, reduction="none")  # [S, N]
             reconstruction = (p * ce).sum(0).mean()
             kl = (p * (torch.log(p.clamp_min(1e-8)) - torch.log(prior)[:, None])).sum(0).mean()
             return reconstruction + beta * kl
@@ -313,8 +318,7 @@ class JEI(Recipe):
 
         def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
             outs = m.forward_all(x)
-            ce = torch.stack([F.cross_entropy(o[LOGITS], y, reduction="none", label_smoothing=cfg.label_smoothing)
-                              for o in outs])  # [S, N]
+            ce = exit_ce(outs, y, cfg.label_smoothing, reduction="none")  # [S, N]
             q = halting_distribution([o[GATE] for o in outs])  # where the gates send each sample
             # Upper level: the inference modules, weighted by the (fixed) routing, half uniform so
             # every module keeps learning; during warm-up, uniform only.

@@ -32,7 +32,6 @@ from server.errors import (
     Unauthorized,
     Unprocessable,
 )
-from server.exits import validate_thresholds
 from server.metrics import Metrics
 from server.policy import ExitPolicy
 from server.settings import Settings
@@ -144,9 +143,7 @@ def build_admin_router(
             manifest = engine.bundle(model).manifest
             criterion = body.criterion if body.criterion is not None else current(model).criterion
             thresholds = [None if t is None else float(t) for t in body.thresholds]
-            problems = validate_thresholds(criterion, thresholds, manifest.num_stages)
-            if not problems:
-                problems = ExitPolicy(criterion, tuple(thresholds), 0).problems_for(manifest)
+            problems = ExitPolicy(criterion, tuple(thresholds), 0).problems_for(manifest)  # thresholds too
             if problems:
                 raise Unprocessable(f"invalid exit policy for {model}: " + "; ".join(problems))
             spec = PolicySpec(criterion=criterion, thresholds=thresholds)  # type: ignore[arg-type]

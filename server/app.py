@@ -31,7 +31,7 @@ from server.errors import BadRequest, BundleError, NotFound, OfframpError, Paylo
 from server.metrics import Metrics
 from server.redis_store import PolicySync, RedisPolicyStore
 from server.settings import Settings
-from server.store import FilePolicyStore, PolicyStore, startup_policy
+from server.store import FilePolicyStore, PolicyStore
 
 log = logging.getLogger("offramp.app")
 T = TypeVar("T")
@@ -250,8 +250,7 @@ def create_app(
         bundles = load_bundles(settings)
         # The live policy survives restarts: start from what operators last set, else the bundle default.
         # With Redis down that is this replica's last known policy (server.redis_store).
-        policies = {b.name: store.startup_policy(b.manifest) if isinstance(store, RedisPolicyStore)
-                    else startup_policy(store, b.manifest) for b in bundles}
+        policies = {b.name: store.startup_policy(b.manifest) for b in bundles}
         engine = Engine(bundles, settings, metrics, policies)
     # Several replicas, one store: changes made through the others apply here too.
     policy_sync = PolicySync(store, engine) if isinstance(store, RedisPolicyStore) else None

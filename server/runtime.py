@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -88,14 +89,24 @@ def resolve_device(requested: str, available: list[str] | None = None) -> str:
 
 def session_options(settings: Settings) -> ort.SessionOptions:
     """Session options shared by every stage: no spinning, thread counts from settings."""
+    return ort_session_options(settings.intra_op_threads, settings.inter_op_threads)
+
+
+def ort_session_options(intra_op_threads: int = 0, inter_op_threads: int = 1) -> ort.SessionOptions:
     so = ort.SessionOptions()
     # Chained sessions that spin fight each other (and the other models' workers) for the cores.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.intra_op_num_threads = settings.intra_op_threads
-    so.inter_op_num_threads = settings.inter_op_threads
+    so.intra_op_num_threads = intra_op_threads
+    so.inter_op_num_threads = inter_op_threads
     so.log_severity_level = 3
     return so
+
+
+def open_session(path: str | Path, *, device: str = "cpu", intra_op_threads: int = 1) -> ort.InferenceSession:
+    """One session with the server's options, for code that runs ONNX files outside the engine
+    (export checks, benchmarks): the same no-spinning rule and providers as the stages."""
+    return ort.InferenceSession(str(path), ort_session_options(intra_op_threads), providers=providers_for(device))
 
 
 def providers_for(device: str, device_id: int = 0, conv_algo_search: str = "HEURISTIC") -> list[Any]:

@@ -88,6 +88,10 @@ class PolicyStore(Protocol):
         """Every change, oldest first."""
         ...
 
+    def startup_policy(self, manifest: Manifest) -> ExitPolicy:
+        """The policy the model starts serving with (see `startup_policy`)."""
+        ...
+
 
 class _StoredPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -124,6 +128,9 @@ class FilePolicyStore:
         if self.state_dir.exists() and not self.state_dir.is_dir():
             raise ValueError(f"state_dir {self.state_dir} exists and is not a directory")
         self._lock = threading.Lock()
+
+    def startup_policy(self, manifest: Manifest) -> ExitPolicy:
+        return startup_policy(self, manifest)
 
     def path(self, model: str) -> Path:
         if not model or "/" in model or model in (".", ".."):
