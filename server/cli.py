@@ -10,9 +10,6 @@ the process exits 0.
 from __future__ import annotations
 
 import argparse
-import ast
-import functools
-import inspect
 import logging
 import math
 import signal
@@ -40,23 +37,9 @@ SHUTDOWN_GRACE_S = 5
 _METAVARS: dict[Any, str] = {int: "N", float: "NUM", Path: "DIR"}
 
 
-@functools.cache
 def settings_docs() -> dict[str, str]:
-    """Each Settings field's docstring (the string literal under its annotation), one line each."""
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(Settings))
-    except (OSError, TypeError):  # no source (frozen install): flags still work, without help text
-        return docs
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, after in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-            and isinstance(after.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+    """Each Settings field's docstring, on one line (pydantic keeps them as descriptions)."""
+    return {name: " ".join((field.description or "").split()) for name, field in Settings.model_fields.items()}
 
 
 def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:

@@ -17,7 +17,8 @@ PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "admin", 
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OFFRAMP_", extra="ignore")
+    # use_attribute_docstrings: each field's docstring becomes its description (the `serve --help` text).
+    model_config = SettingsConfigDict(env_prefix="OFFRAMP_", extra="ignore", use_attribute_docstrings=True)
 
     bundles: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     """Bundle directories to serve, each as a model named by its manifest. Environment: comma-separated.
