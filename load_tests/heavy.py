@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,36 +101,21 @@ def build_heavy_bundle(
 ) -> Path:
     """Train and export the heavy preset into `out`. `max_steps` cuts training short (for checks);
     `threads` sets torch's intra-op threads (default 1, the 2-core budget; more on a bigger host)."""
-    from model_export.data import load_digits_splits
-    from model_export.demo import save_checkpoint_for
-    from model_export.export import EXPORT_CONFIGS, export_bundle
-    from model_export.train import TrainConfig, seed_everything, train
+    from model_export.demo import train_and_export
+    from model_export.export import EXPORT_CONFIGS
 
-    out = Path(out)
-    splits = load_digits_splits(seed=0)  # the demo's split: same test data for every preset
-    mean, std = splits.pixel_stats()
     train_cfg = {**HEAVY_TRAIN, "max_steps": max_steps}
     if threads is not None:
         train_cfg["threads"] = threads
-    seed_everything(seed, train_cfg["threads"])
-    model = build_heavy_model(mean, std, **overrides)
-    started = time.perf_counter()
-    result = train(model, splits.train, TrainConfig(seed=seed, **train_cfg), progress=progress)
-    trained = time.perf_counter()
+    side = {**HEAVY_CONFIG, **overrides}["img_size"]
     base = EXPORT_CONFIGS["vit-digits"]
     cfg = dataclasses.replace(
-        base, preprocessing=base.preprocessing + f"; then upscaled bilinearly to {model.cfg.img_size[0]}x"
-        f"{model.cfg.img_size[1]} inside stage 0",
+        base, preprocessing=base.preprocessing + f"; then upscaled bilinearly to {side}x{side} inside stage 0",
     )
-    export_bundle(
-        model, out, splits, name=HEAVY_NAME, cfg=cfg,
-        created_by=f"offramp heavy preset (seed {seed}): {result.steps} steps in {result.seconds:.1f} s",
+    return train_and_export(
+        Path(out), name=HEAVY_NAME, make_model=lambda mean, std: build_heavy_model(mean, std, **overrides),
+        train_cfg=train_cfg, seed=seed, progress=progress, export_cfg=cfg, label="heavy preset",
     )
-    save_checkpoint_for(model, out, name=HEAVY_NAME, seed=seed)
-    if progress:
-        print(f"{HEAVY_NAME}: trained {result.steps} steps in {trained - started:.1f} s, "
-              f"exported in {time.perf_counter() - trained:.1f} s")
-    return out
 
 
 def ensure_heavy_bundle(cache_dir: Path, *, progress: bool = True) -> Path:

@@ -18,16 +18,21 @@ DEMO_NAME = "digits-vit"
 TINY_NAME = "digits-vit-tiny"
 
 
-def _build(out: Path, *, name: str, variant: str, train_cfg: dict, seed: int, progress: bool) -> Path:
+def train_and_export(
+    out: Path, *, name: str, make_model: Callable[[float, float], object], train_cfg: dict, seed: int,
+    progress: bool, export_cfg: object = None, label: str = "",
+) -> Path:
+    """Train `make_model(pixel_mean, pixel_std)` on the digits split and export it into `out`, with
+    its checkpoint beside it; returns `out`. The demo, the tiny test bundle and the heavy benchmark
+    preset are all built here."""
     from model_export.data import load_digits_splits
     from model_export.export import EXPORT_CONFIGS, export_bundle
     from model_export.train import TrainConfig, seed_everything, train
-    from model_export.vit import vit
 
     splits = load_digits_splits(seed=0)  # the split is fixed; `seed` varies the model only
     mean, std = splits.pixel_stats()
     seed_everything(seed, train_cfg.get("threads"))
-    model = vit(variant, input_mean=mean, input_std=std)
+    model = make_model(mean, std)
     started = time.perf_counter()
     result = train(model, splits.train, TrainConfig(seed=seed, **train_cfg), progress=progress)
     export_started = time.perf_counter()
@@ -36,14 +41,22 @@ def _build(out: Path, *, name: str, variant: str, train_cfg: dict, seed: int, pr
         out,
         splits,
         name=name,
-        cfg=EXPORT_CONFIGS["vit-digits"],
-        created_by=f"offramp {variant} (seed {seed}): trained {result.steps} steps in {result.seconds:.1f} s",
+        cfg=export_cfg or EXPORT_CONFIGS["vit-digits"],
+        created_by=f"offramp {label or name} (seed {seed}): trained {result.steps} steps in {result.seconds:.1f} s",
     )
     save_checkpoint_for(model, out, name=name, seed=seed)
     if progress:
         exported = time.perf_counter() - export_started
-        print(f"{name}: trained in {export_started - started:.1f} s, exported in {exported:.1f} s")
+        print(f"{name}: trained {result.steps} steps in {export_started - started:.1f} s, "
+              f"exported in {exported:.1f} s")
     return out
+
+
+def _build(out: Path, *, name: str, variant: str, train_cfg: dict, seed: int, progress: bool) -> Path:
+    from model_export.vit import vit
+
+    return train_and_export(out, name=name, make_model=lambda m, sd: vit(variant, input_mean=m, input_std=sd),
+                            train_cfg=train_cfg, seed=seed, progress=progress, label=variant)
 
 
 def save_checkpoint_for(model: object, out: Path, *, name: str, seed: int) -> None:
