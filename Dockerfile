@@ -40,6 +40,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
+COPY offramp ./offramp
 COPY server ./server
 COPY model_export ./model_export
 COPY load_tests ./load_tests
@@ -59,6 +60,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY offramp ./offramp
 COPY server ./server
 COPY model_export ./model_export
 COPY load_tests ./load_tests
@@ -106,6 +108,7 @@ RUN apt-get update \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY offramp ./offramp
 COPY server ./server
 COPY model_export ./model_export
 COPY load_tests ./load_tests

@@ -56,7 +56,7 @@ def check(expected: str, bundles: list[str]) -> list[str]:
         except Exception as err:  # report every failing module, not just the first
             problems.append(f"import {name} failed: {type(err).__name__}: {err}")
     try:  # the image's entrypoint: `offramp serve` must parse without the export side's torch
-        from server.cli import build_parser
+        from offramp.cli import build_parser
 
         build_parser().parse_args(["serve"])
     except (Exception, SystemExit) as err:

@@ -5,7 +5,7 @@ Configurations, measured on the digits test split (never the calibration data):
 - `reference`: the bundle's monolithic `reference.onnx` with onnxruntime in-process (the compute
   reference; it outputs every exit's logits, the final one is the answer);
 - `full`: the engine in-process with `early_exit=False` (every stage);
-- `early`: the same engine with thresholds calibrated to `--target-agreement` (server.calibrate on
+- `early`: the same engine with thresholds calibrated to `--target-agreement` (server.control.calibrate on
   the bundle's calibration data), one request of `batch` samples at a time;
 - `http-full` / `http-early`: the same two through a real `offramp serve` subprocess on
   127.0.0.1, under `c` concurrent clients each sending single-sample requests in a closed loop
@@ -104,14 +104,15 @@ def resolve_bundle(spec: str, cache_dir: Path | None = None, *, progress: bool =
 def policy_bundle(bundle_dir: Path, criterion: str, thresholds: list[float | None], where: Path) -> Path:
     """A copy of the bundle whose default policy is `thresholds`: links to the same files, a new
     manifest. The HTTP server serves it, so it starts with the calibrated policy without the admin API."""
-    from server.bundle import MANIFEST, PolicySpec, load_bundle, write_manifest
+    from server.bundle import MANIFEST, load_bundle, write_manifest
+    from server.policy import ExitPolicy
 
     manifest = load_bundle(bundle_dir).manifest
     where.mkdir(parents=True, exist_ok=True)
     for item in bundle_dir.iterdir():
         if item.name != MANIFEST and not (where / item.name).exists():
             (where / item.name).symlink_to(item.resolve())
-    policy = PolicySpec(criterion=criterion, thresholds=thresholds)
+    policy = ExitPolicy(criterion, tuple(thresholds))
     write_manifest(where, manifest.model_copy(update={"default_policy": policy}))
     return where
 
@@ -139,10 +140,10 @@ async def _timed(call: Callable, data: RequestData, batch: int, count: int, star
 async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresholds: list[float | None],  # noqa: ANN001
                              bar) -> tuple[dict[tuple[str, int], list[Trial]], np.ndarray]:  # noqa: ANN001
     """Trials of reference / full / early per batch size, and the full-depth label of every sample."""
-    from server.engine import Engine
+    from server.engine.engine import Engine
+    from server.engine.runtime import open_session
     from server.metrics import Metrics
     from server.policy import ExitPolicy
-    from server.runtime import open_session
     from server.settings import Settings
 
     m = bundle.manifest
@@ -211,7 +212,7 @@ class _HttpClients:
 
 def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dict]], total: int,
                 start: int) -> Trial:
-    from server.protocol import decode_response
+    from server.http.codec import decode_response
 
     counter = itertools.count()
     out: list[tuple[int, float, int, int]] = []
@@ -242,7 +243,7 @@ def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestDat
                  out: Path, bar) -> dict[tuple[str, int], list[Trial]]:  # noqa: ANN001
     """Trials of http-full / http-early per concurrency level against one `offramp serve`."""
     from load_tests.run_locust import serve
-    from server.protocol import encode_request
+    from server.http.codec import encode_request
 
     binary = cfg.http_format == "binary"
     bodies = {
@@ -304,7 +305,7 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
 
     from load_tests.bench_report import build_report, write_outputs
     from server.bundle import load_bundle
-    from server.calibrate import calibrate
+    from server.control.calibrate import calibrate
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest

@@ -27,7 +27,7 @@ import numpy as np
 from locust import FastHttpUser, between, events, tag, task
 
 from load_tests.data import read_request_data
-from server.protocol import decode_response, encode_request
+from server.http.codec import decode_response, encode_request
 
 POOL = 64  # distinct bodies per request size
 

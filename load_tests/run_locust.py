@@ -184,7 +184,7 @@ def serve(bundles: Sequence[Path], log_path: Path, *, flags: Sequence[str] = (),
     port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     state = log_path.parent / f".state-{port}"
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "offramp.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--state-dir", str(state), "--log-level", "warning", *flags]
     for b in bundles:
         cmd += ["--bundle", str(b)]

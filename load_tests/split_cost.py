@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from server.bundle import load_bundle
-from server.runtime import open_session
+from server.engine.runtime import open_session
 
 
 def measure(

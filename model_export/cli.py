@@ -1,9 +1,9 @@
-"""`offramp demo | train | compare | export | inspect`: the model-side commands, registered into
-server/cli.py.
+"""`offramp demo | train | compare | export`: the model-side commands, registered by the front door
+(`offramp/cli.py`).
 
-This module imports neither torch nor onnxruntime at import time: `offramp serve` and
-`offramp inspect` must work on a server-only install; `demo` and `export` import the training
-stack inside their handlers and say which extra to install when it is missing.
+This module imports neither torch nor onnxruntime at import time: the `offramp` command must start
+on a server-only install; the commands import the training stack inside their handlers and say
+which extra to install when it is missing.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from server.cli import inspect
 
 EXPORT_HINT = "this command needs the export extra: pip install -c constraints.txt 'offramp[export,cpu]'"
 
@@ -109,22 +111,8 @@ def compare_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect(args: argparse.Namespace) -> int:
-    """Verify a bundle and print its stages (no torch needed)."""
-    from server.bundle import inspect_table, load_bundle
-    from server.errors import BundleError
-
-    try:
-        bundle = load_bundle(args.bundle)
-    except BundleError as err:
-        print(f"offramp inspect: {err}", file=sys.stderr)
-        return 2
-    print(inspect_table(bundle))
-    return 0
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `demo`, `export` and `inspect` to the `offramp` parser; each sets `func(args) -> int`."""
+    """Add `demo`, `train`, `compare` and `export` to the `offramp` parser; each sets `func(args) -> int`."""
     p = subparsers.add_parser(
         "demo",
         help="train and export the digits demo bundle (export extra)",
@@ -182,12 +170,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard"],
                    help="export config (default: the one of the checkpoint's data set)")
     p.set_defaults(func=export)
-
-    p = subparsers.add_parser(
-        "inspect",
-        help="verify a bundle and print its stages",
-        description="Verify a bundle (hashes, ONNX inputs/outputs) and print a table of "
-        "stages: FLOPs, cumulative FLOPs fraction, params, exit accuracy.",
-    )
-    p.add_argument("bundle", type=Path, metavar="DIR", help="bundle directory")
-    p.set_defaults(func=inspect)

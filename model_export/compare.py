@@ -4,7 +4,7 @@ For each run: train (model_export.recipes), take every exit's outputs on the val
 splits, count each stage's FLOPs as the export does, then, for the recipe's own criterion and for
 max_prob:
 
-- a curve of test accuracy against compute fraction (`server.calibrate.frontier` on the test
+- a curve of test accuracy against compute fraction (`server.control.calibrate.frontier` on the test
   outputs: thresholds chosen with hindsight, the best the exits can do);
 - the table's figures at 30, 50 and 70 % of full-depth FLOPs: thresholds chosen on validation
   (`calibrate(..., compute_budget=b)`), then replayed on test (`simulate`), as a deployment would.
@@ -70,7 +70,7 @@ def evaluate(run, splits) -> RunResult:  # noqa: ANN001 - RecipeRun, Splits (tor
     from model_export.export import count_stage, stage_outputs
     from model_export.recipes import get_recipe
     from server.bundle import LOGITS, SIMILARITY, Calibration
-    from server.calibrate import calibrate, frontier, simulate
+    from server.control.calibrate import calibrate, frontier, simulate
 
     model = run.model.eval()
     flops, h = [], torch.from_numpy(splits.val.x[:1])
@@ -152,7 +152,7 @@ def dmpo_check(results: list[RunResult]) -> str:
 
 
 def plot(results: list[RunResult], img_dir: Path, dataset: str) -> Path:
-    from server.plots import plot_frontiers
+    from server.control.plots import plot_frontiers
 
     curves = {f"{r.label} ({r.criterion})": r.curves[r.criterion] for r in results}
     return plot_frontiers(curves, img_dir / f"recipes-{dataset}.png",

@@ -41,7 +41,6 @@ from server.bundle import (
     Calibration,
     InputSpec,
     Manifest,
-    PolicySpec,
     ReferenceSpec,
     StageSpec,
     TensorSpec,
@@ -49,7 +48,8 @@ from server.bundle import (
     sha256_file,
     write_manifest,
 )
-from server.runtime import open_session
+from server.engine.runtime import open_session
+from server.policy import ExitPolicy
 
 
 class ExportCheckError(RuntimeError):
@@ -263,7 +263,7 @@ def default_thresholds(
     """
     if criterion == "max_prob":
         return agreement_thresholds(calibration.logits, cfg.policy_agreement, cfg.policy_z)
-    from server.calibrate import calibrate
+    from server.control.calibrate import calibrate
 
     try:
         return calibrate(
@@ -352,7 +352,7 @@ def export_bundle(
             preprocessing=cfg.preprocessing,
         ),
         stages=stages,
-        default_policy=PolicySpec(criterion=criterion, thresholds=thresholds),  # type: ignore[arg-type]
+        default_policy=ExitPolicy(criterion, tuple(thresholds)),
         accuracy=AccuracySpec(split="test", samples=len(splits.test), per_stage=accuracy),
         calibration=CALIBRATION,
         reference=ReferenceSpec(file=REFERENCE, sha256=sha256_file(out / REFERENCE), outputs=ref_outputs),

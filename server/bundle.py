@@ -22,12 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from server.errors import BundleError
+from server.errors import BundleError, validation_problems
+from server.exits import GATE, SIMILARITY, lookup
+from server.files import atomic_write
+from server.policy import ExitPolicy
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,12 +40,8 @@ REFERENCE = "reference.onnx"
 HIDDEN_IN = "hidden_in"
 HIDDEN = "hidden"
 LOGITS = "logits"
-GATE = "gate"
-SIMILARITY = "similarity"
 OPTIONAL_OUTPUTS = (GATE, SIMILARITY)
 
-Criterion = Literal["max_prob", "margin", "entropy", "patience", "similarity", "gate", "q_exit"]
-CRITERIA: tuple[str, ...] = ("max_prob", "margin", "entropy", "patience", "similarity", "gate", "q_exit")
 Dtype = Literal["FP32", "FP16", "INT64", "INT32", "UINT8", "BOOL"]
 
 # V2 datatype -> numpy dtype, and the ONNX TensorProto elem_type of each.
@@ -89,13 +88,6 @@ class StageSpec(_Strict):
         return name in self.output_names()
 
 
-class PolicySpec(_Strict):
-    """An exit policy as stored: one threshold per early exit (every stage but the last)."""
-
-    criterion: Criterion = "max_prob"
-    thresholds: list[float | None]
-
-
 class AccuracySpec(_Strict):
     split: str = "test"
     samples: int = Field(ge=0)
@@ -116,11 +108,21 @@ class Manifest(_Strict):
     labels: list[str]
     input: InputSpec
     stages: list[StageSpec] = Field(min_length=1)
-    default_policy: PolicySpec
+    default_policy: ExitPolicy = Field(description="One threshold per early exit; stored without a version.")
     accuracy: AccuracySpec
     calibration: str | None = CALIBRATION
     reference: ReferenceSpec | None = None
     created_by: str = ""
+
+    @field_validator("default_policy", mode="after")
+    @classmethod
+    def _known_criterion(cls, policy: ExitPolicy) -> ExitPolicy:
+        lookup(policy.criterion)  # ValueError naming the known criteria
+        return policy
+
+    @field_serializer("default_policy")
+    def _policy_content(self, policy: ExitPolicy) -> dict[str, Any]:
+        return {"criterion": policy.criterion, "thresholds": list(policy.thresholds)}
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -180,11 +182,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    path = Path(directory) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write(Path(directory) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
 class Calibration(BaseModel):
@@ -311,8 +309,7 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
-        details = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors())
-        raise BundleError(f"{manifest_path}: malformed manifest: {details}") from err
+        raise BundleError(f"{manifest_path}: malformed manifest: {validation_problems(err, 'manifest')}") from err
 
     problems: list[str] = []
     files: list[tuple[str, str, list[TensorSpec] | None, list[TensorSpec] | None]] = [

@@ -1,5 +1,5 @@
-"""`offramp`: the command line. `offramp serve` runs the V2 server; `demo`, `export` and `inspect`
-come from `model_export.cli` when it is installed.
+"""The server's commands: `serve` (the V2 server), `inspect` and `calibrate` (no torch needed).
+The front door (`offramp/cli.py`) registers them beside the export and load-test commands.
 
 Every `Settings` field has a `serve` flag, generated from the class so the two never drift apart:
 the environment (`OFFRAMP_*`) is read first and explicit flags override it. SIGTERM drains:
@@ -16,8 +16,9 @@ import signal
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -26,7 +27,8 @@ import uvicorn
 from pydantic import SecretStr, ValidationError
 
 from server import __version__
-from server.calibrate_cli import register as register_calibrate
+from server.control.calibrate_cli import register as register_calibrate
+from server.errors import BundleError, validation_problems
 from server.settings import Settings
 
 log = logging.getLogger("offramp.cli")
@@ -114,24 +116,31 @@ def _signals_end_quietly() -> Iterator[None]:
 
 class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.config.app.state.draining = True  # readiness turns 503 as soon as the signal arrives
+        app: Any = self.config.app
+        app.state.draining = True  # readiness turns 503 as soon as the signal arrives
         super().handle_exit(sig, frame)
 
 
-def serve(args: argparse.Namespace) -> int:
-    from server.app import create_app
-    from server.errors import BundleError
+DefaultBundle = Callable[[Settings], Path]
+
+
+def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None) -> int:
+    """Run the server on the configured bundles; with none configured, on `default_bundle(settings)`."""
+    from server.bundle import load_bundle
+    from server.http.app import create_app
 
     try:
         settings = settings_from_args(args)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        print(f"offramp serve: invalid settings: {problems}", file=sys.stderr)
+        print(f"offramp serve: invalid settings: {validation_problems(err, 'settings')}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
     log.info("offramp %s settings: %s", __version__, redacted(settings))
     try:
-        app = create_app(settings)
+        paths = list(settings.bundles)
+        if not paths and default_bundle is not None:
+            paths = [default_bundle(settings)]
+        app = create_app(settings, bundles=[load_bundle(path) for path in paths])
     except BundleError as err:
         print(f"offramp serve: {err}", file=sys.stderr)
         return 2
@@ -150,40 +159,34 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offramp", description="Serve early-exit neural networks.")
-    parser.add_argument("--version", action="version", version=f"offramp {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def inspect(args: argparse.Namespace) -> int:
+    """Verify a bundle and print its stages (no torch needed)."""
+    from server.bundle import inspect_table, load_bundle
+
+    try:
+        bundle = load_bundle(args.bundle)
+    except BundleError as err:
+        print(f"offramp inspect: {err}", file=sys.stderr)
+        return 2
+    print(inspect_table(bundle))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction, *, default_bundle: DefaultBundle | None = None,
+             default_help: str = "") -> None:
+    """Add `serve`, `inspect` and `calibrate`; each sets `func(args) -> int`. `default_bundle` locates
+    the bundle `serve` runs when none is configured (`default_help` says which, in `serve --help`)."""
     serve_parser = subparsers.add_parser(
         "serve", help="run the Open Inference Protocol (V2) server",
-        description="Run the V2 server. Flags override OFFRAMP_* environment variables. With no bundle, "
-        "serve the demo bundle, building it on first use (needs the export extra).",
+        description="Run the V2 server. Flags override OFFRAMP_* environment variables. " + default_help,
     )
     add_settings_flags(serve_parser)
-    serve_parser.set_defaults(func=serve)
+    serve_parser.set_defaults(func=partial(serve, default_bundle=default_bundle))
+    p = subparsers.add_parser(
+        "inspect", help="verify a bundle and print its stages",
+        description="Verify a bundle (hashes, ONNX inputs/outputs) and print a table of "
+        "stages: FLOPs, cumulative FLOPs fraction, params, exit accuracy.",
+    )
+    p.add_argument("bundle", type=Path, metavar="DIR", help="bundle directory")
+    p.set_defaults(func=inspect)
     register_calibrate(subparsers)
-    try:
-        from model_export.cli import register
-    except ImportError as err:  # a server-only install has no model_export
-        if err.name is None or not err.name.startswith("model_export"):
-            raise
-    else:
-        register(subparsers)
-    try:
-        from load_tests.bench import register as register_bench
-    except ImportError as err:  # load_tests ships with the source tree, not every install
-        if err.name is None or not err.name.startswith("load_tests"):
-            raise
-    else:
-        register_bench(subparsers)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `offramp` console script. Subcommands set `func(args) -> int | None`."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class OfframpError(Exception):
     """Base error: `str(err)` is the message a client sees, `status_code` the HTTP status."""
@@ -66,3 +68,16 @@ class RequestTimeout(OfframpError):
 
 class BundleError(ValueError):
     """A bundle that cannot be served. The message names the file and what is wrong with it."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), for one-line logs."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def validation_problems(err: ValidationError, root: str = "body") -> str:
+    """A pydantic ValidationError as one line: `field.path: message; ...`."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in err.errors(include_url=False)
+    )

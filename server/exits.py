@@ -17,13 +17,55 @@ exit. The last stage always answers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-CRITERIA = ("max_prob", "margin", "entropy", "patience", "similarity", "gate", "q_exit")
-NEEDS_GATE = ("gate", "q_exit")
-NEEDS_SIMILARITY = ("similarity",)
+# The stage outputs a criterion may read besides the logits (the names are the bundle format's).
+GATE = "gate"
+SIMILARITY = "similarity"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """What the server knows of one criterion. `CRITERIA` is the one table that policy validation,
+    calibration and the scheduler read."""
+
+    name: str
+    reads: str | None = None  # the stage output it needs besides the logits (`gate`, `similarity`)
+    first_stage: int = 0  # the first stage with that output (similarity: stage 0 has nothing before it)
+    integer: bool = False  # thresholds are whole numbers (patience)
+    lo: float = 0.0  # valid thresholds, inclusive; `hi` None means the number of stages
+    hi: float | None = 1.0
+
+    def threshold_range(self, num_stages: int) -> tuple[float, float]:
+        return self.lo, float(num_stages) if self.hi is None else self.hi
+
+    def missing_at(self, has_output: Callable[[int, str], bool], num_stages: int) -> list[int]:
+        """The early exits (stage indices) that lack the output this criterion reads."""
+        if self.reads is None:
+            return []
+        return [k for k in range(self.first_stage, num_stages - 1) if not has_output(k, self.reads)]
+
+
+CRITERIA: dict[str, Criterion] = {c.name: c for c in (
+    Criterion("max_prob"),
+    Criterion("margin"),
+    Criterion("entropy"),
+    Criterion("patience", integer=True, lo=1.0, hi=None),
+    Criterion("gate", reads=GATE),
+    Criterion("q_exit", reads=GATE),
+    Criterion("similarity", reads=SIMILARITY, first_stage=1, lo=-1.0, hi=1.0),
+)}
+
+
+def lookup(name: str) -> Criterion:
+    """The table entry of a criterion; `ValueError` naming the known ones for any other name."""
+    try:
+        return CRITERIA[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown criterion {name!r}; choose one of {list(CRITERIA)}") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -33,32 +75,30 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def threshold_range(criterion: str, num_stages: int) -> tuple[float, float]:
+def threshold_range(name: str, num_stages: int) -> tuple[float, float]:
     """Valid thresholds (inclusive) for a criterion."""
-    if criterion == "patience":
-        return 1.0, float(num_stages)
-    if criterion == "similarity":
-        return -1.0, 1.0
-    return 0.0, 1.0
+    return lookup(name).threshold_range(num_stages)
 
 
-def validate_thresholds(criterion: str, thresholds: list[float | None], num_stages: int) -> list[str]:
+def validate_thresholds(name: str, thresholds: list[float | None], num_stages: int) -> list[str]:
     """Problems with a threshold list for a model of `num_stages` stages (empty when valid)."""
-    if criterion not in CRITERIA:
-        return [f"unknown criterion {criterion!r}; choose one of {list(CRITERIA)}"]
+    try:
+        info = lookup(name)
+    except ValueError as err:
+        return [str(err)]
     problems = []
     if len(thresholds) != num_stages - 1:
         problems.append(f"expected {num_stages - 1} thresholds (one per early exit), got {len(thresholds)}")
-    lo, hi = threshold_range(criterion, num_stages)
+    lo, hi = info.threshold_range(num_stages)
     for i, t in enumerate(thresholds):
         if t is None:
             continue
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t):
             problems.append(f"threshold {i} must be a number or null, got {t!r}")
         elif not lo <= t <= hi:
-            problems.append(f"threshold {i} = {t} is outside [{lo:g}, {hi:g}] for {criterion}")
-        elif criterion == "patience" and float(t) != int(t):
-            problems.append(f"threshold {i} = {t}: patience takes an integer")
+            problems.append(f"threshold {i} = {t} is outside [{lo:g}, {hi:g}] for {name}")
+        elif info.integer and float(t) != int(t):
+            problems.append(f"threshold {i} = {t}: {name} takes an integer")
     return problems
 
 
@@ -96,12 +136,19 @@ def advance(
     gate: np.ndarray | None = None,
     similarity: np.ndarray | None = None,
     probs: np.ndarray | None = None,
+    stage: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ExitState]:
     """Scores of one stage for every sample, the predicted labels, and the updated state.
 
     The state is updated whether or not this exit is enabled (patience counts every exit).
-    `probs`, when the caller already has `softmax(logits)`, spares computing it again.
+    `probs`, when the caller already has `softmax(logits)`, spares computing it again. Before the
+    criterion's `first_stage` (given `stage`) the output it reads does not exist: nobody exits there.
     """
+    info = lookup(criterion)
+    if info.reads is not None and {GATE: gate, SIMILARITY: similarity}[info.reads] is None:
+        if stage is None or stage >= info.first_stage:
+            raise ValueError(f"criterion {criterion!r} needs a stage output {info.reads!r}")
+        similarity = np.full(len(logits), np.nan, np.float32)  # only similarity starts after stage 0
     probs = softmax(logits) if probs is None else probs
     labels = probs.argmax(axis=-1).astype(np.int64)
     same = labels == state.prev_label
@@ -119,21 +166,17 @@ def advance(
         score = -np.clip(ent, 0.0, 1.0)  # rounding must not put a uniform softmax above a threshold of 1
     elif criterion == "patience":
         score = run.astype(np.float32)
-    elif criterion in NEEDS_SIMILARITY:
-        if similarity is None:
-            raise ValueError("criterion 'similarity' needs a stage output 'similarity'")
+    elif criterion == "similarity":
+        assert similarity is not None
         score = np.nan_to_num(similarity.astype(np.float32).reshape(-1), nan=-np.inf)
-    elif criterion in NEEDS_GATE:
-        if gate is None:
-            raise ValueError(f"criterion {criterion!r} needs a stage output 'gate'")
+    else:  # gate, q_exit
+        assert gate is not None
         g = np.clip(gate.astype(np.float64).reshape(-1), 0.0, 1.0)
         if criterion == "gate":
             score = g
         else:
             score = 1.0 - survive * (1.0 - g)
             survive = survive * (1.0 - g)
-    else:
-        raise ValueError(f"unknown criterion {criterion!r}")
     return np.asarray(score, dtype=np.float64), labels, ExitState(labels, run, survive)
 
 
@@ -150,9 +193,10 @@ def decide(
     gate: np.ndarray | None = None,
     similarity: np.ndarray | None = None,
     probs: np.ndarray | None = None,
+    stage: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ExitState]:
     """Exit mask (bool [N]) of one early exit, the predicted labels, and the updated state."""
-    score, labels, new_state = advance(criterion, logits, state, gate, similarity, probs)
+    score, labels, new_state = advance(criterion, logits, state, gate, similarity, probs, stage)
     if threshold is None:
         return np.zeros(len(score), dtype=bool), labels, new_state
     return score >= score_threshold(criterion, threshold), labels, new_state

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import subprocess
 import sys
@@ -10,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from model_export.cli import register
+from offramp.cli import build_parser
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="offramp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

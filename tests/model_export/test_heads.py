@@ -7,10 +7,8 @@ meta-test fails when a head is registered without a case here.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -21,10 +19,8 @@ from model_export.export import EXPORT_CONFIGS, check_export, export_bundle  # n
 from model_export.heads import FEATURES, HEADS, CovariancePool  # noqa: E402
 from model_export.train import TrainConfig, seed_everything, train  # noqa: E402
 from model_export.vit import vit  # noqa: E402
-from server.bundle import Bundle, load_bundle  # noqa: E402
-from server.engine import Engine  # noqa: E402
-from server.metrics import Metrics  # noqa: E402
-from server.settings import Settings  # noqa: E402
+from server.bundle import load_bundle  # noqa: E402
+from tests.fakes import serve_bundle  # noqa: E402
 
 # head -> (exports a gate, criterion to serve it with)
 HEAD_CASES: dict[str, tuple[bool, str]] = {
@@ -35,22 +31,6 @@ HEAD_CASES: dict[str, tuple[bool, str]] = {
     "palbert": (True, "q_exit"),
     "jei": (True, "gate"),
 }
-
-
-def serve(bundle: Bundle, x: np.ndarray, **kw: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, exit stages) of `x` answered by an Engine on CPU with the bundle's default policy."""
-    settings = Settings(device="cpu", intra_op_threads=1, max_batch_size=16, max_queue_delay_ms=1.0)
-    engine = Engine([bundle], settings, Metrics())
-
-    async def scenario():  # noqa: ANN202
-        await engine.start()
-        try:
-            return await engine.infer(bundle.name, x, **kw)
-        finally:
-            await engine.stop()
-
-    result = asyncio.run(scenario())
-    return result.labels, result.exit_stage
 
 
 def test_every_registered_head_has_a_case() -> None:
@@ -85,11 +65,11 @@ def test_head_trains_exports_and_serves(head: str, splits, tmp_path: Path) -> No
         assert ((calib.gate >= 0) & (calib.gate <= 1)).all() and (calib.gate[-1] == 1).all()
 
     x = splits.test.x[:12]
-    labels, stages = serve(bundle, x, early_exit=False)
+    labels, stages = serve_bundle(bundle, x, early_exit=False)
     with torch.no_grad():
         want = model(torch.from_numpy(x))[-1].argmax(-1).numpy()
     assert stages.tolist() == [m.num_stages - 1] * 12 and labels.tolist() == want.tolist()
-    labels, stages = serve(bundle, x)  # the default policy, whatever it lets leave early
+    labels, stages = serve_bundle(bundle, x)  # the default policy, whatever it lets leave early
     assert labels.shape == (12,) and ((stages >= 0) & (stages < m.num_stages)).all()
 
 

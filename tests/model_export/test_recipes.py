@@ -23,7 +23,7 @@ from model_export.recipes import (  # noqa: E402
     train_recipe,
 )
 from server.bundle import load_bundle  # noqa: E402
-from tests.model_export.test_heads import serve  # noqa: E402
+from tests.fakes import serve_bundle  # noqa: E402
 
 # recipe -> (default head, served criterion, calibration array the criterion reads)
 RECIPE_CASES: dict[str, tuple[str, str, str | None]] = {
@@ -60,7 +60,7 @@ def test_recipe_trains_exports_and_serves(recipe: str, splits, tmp_path: Path) -
     if array is not None:
         values = getattr(calib, array)
         assert values is not None and values.shape == (m.num_stages, len(calib.labels))
-    labels, stages = serve(bundle, splits.test.x[:10])
+    labels, stages = serve_bundle(bundle, splits.test.x[:10])
     assert labels.shape == (10,) and ((stages >= 0) & (stages < m.num_stages)).all()
 
 

@@ -10,14 +10,15 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
-from server.admin import DISABLED, build_admin_router
-from server.bundle import Bundle, Calibration, InputSpec, Manifest, PolicySpec, StageSpec, TensorSpec
-from server.errors import NotFound, OfframpError
+from server.bundle import Bundle, Calibration, InputSpec, Manifest, StageSpec, TensorSpec
+from server.control.policies import PolicyControl
+from server.control.store import FilePolicyStore, startup_policy
+from server.http.admin import DISABLED, build_admin_router
+from server.http.bodies import install_error_handlers
 from server.policy import ExitPolicy
 from server.settings import Settings
-from server.store import FilePolicyStore, startup_policy
+from tests.fakes import FakeEngine
 
 TOKEN = "s3cret-admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -39,7 +40,7 @@ def make_bundle(root: Path, num_stages: int = 3, classes: int = 4, samples: int 
     manifest = Manifest(
         format_version=1, name="fake", labels=[str(c) for c in range(classes)],
         input=InputSpec(name="x", shape=[-1, 4]), stages=stages,
-        default_policy=PolicySpec(criterion="max_prob", thresholds=[0.9] * (num_stages - 1)),
+        default_policy=ExitPolicy(criterion="max_prob", thresholds=[0.9] * (num_stages - 1)),
         accuracy={"samples": samples, "per_stage": [0.5] * num_stages},
     )
     rng = np.random.default_rng(0)
@@ -49,35 +50,6 @@ def make_bundle(root: Path, num_stages: int = 3, classes: int = 4, samples: int 
         logits[s, np.arange(samples), labels] += (s + 1) * rng.uniform(0, 2.5, samples)
     Calibration(labels=labels, logits=logits).save(root / "calibration.npz")
     return Bundle(root, manifest)
-
-
-class FakeEngine:
-    """The engine's admin-facing interface, recording every policy it is given."""
-
-    def __init__(self, bundle: Bundle, policy: ExitPolicy):
-        self._bundle, self._policy = bundle, policy
-        self.applied: list[ExitPolicy] = []
-
-    def bundle(self, model: str) -> Bundle:
-        if model != self._bundle.name:
-            raise NotFound(f"unknown model {model!r}")
-        return self._bundle
-
-    def policy(self, model: str) -> ExitPolicy:
-        self.bundle(model)
-        return self._policy
-
-    def set_policy(self, model: str, policy: ExitPolicy) -> None:
-        self._policy = policy
-        self.applied.append(policy)
-
-    def model_names(self) -> list[str]:
-        return [self._bundle.name]
-
-
-async def _error(request: Any, err: Exception) -> JSONResponse:  # the app's handler, in small
-    assert isinstance(err, OfframpError)
-    return JSONResponse({"error": err.message}, status_code=err.status_code, headers=err.headers)
 
 
 @pytest.fixture
@@ -90,8 +62,8 @@ def setup(tmp_path: Path) -> tuple[FakeEngine, FilePolicyStore, Bundle]:
 
 def client(engine: FakeEngine, store: FilePolicyStore, token: str | None = TOKEN) -> httpx.AsyncClient:
     app = FastAPI()
-    app.include_router(build_admin_router(engine, Settings(admin_token=token), store))
-    app.add_exception_handler(OfframpError, _error)
+    app.include_router(build_admin_router(PolicyControl(engine, store), Settings(admin_token=token)))
+    install_error_handlers(app)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
@@ -265,7 +237,7 @@ def test_startup_policy_falls_back_when_the_stored_one_does_not_fit(tmp_path: Pa
     store = FilePolicyStore(tmp_path / "state")
     three = make_bundle(tmp_path / "three", num_stages=3)
     store.load("fake", three.manifest.default_policy)
-    store.update("fake", PolicySpec(criterion="margin", thresholds=[0.5, 0.5]), "admin:PUT")
+    store.update("fake", ExitPolicy(criterion="margin", thresholds=[0.5, 0.5]), "admin:PUT")
     assert startup_policy(store, three.manifest) == ExitPolicy("margin", (0.5, 0.5), 2)  # restart keeps it
 
     four = make_bundle(tmp_path / "four", num_stages=4)  # same name, other stages
@@ -279,9 +251,9 @@ def test_startup_policy_falls_back_when_the_stored_one_does_not_fit(tmp_path: Pa
 
 
 def test_real_app_serves_the_admin_api(tiny_bundle: Path, tmp_path: Path) -> None:
-    from server.app import create_app
     from server.bundle import load_bundle
-    from server.engine import Engine
+    from server.engine.engine import Engine
+    from server.http.app import create_app
     from server.metrics import Metrics
 
     settings = Settings(bundles=[tiny_bundle], admin_token=TOKEN, state_dir=tmp_path / "state")
@@ -290,8 +262,6 @@ def test_real_app_serves_the_admin_api(tiny_bundle: Path, tmp_path: Path) -> Non
     metrics = Metrics()
     engine = Engine([bundle], settings, metrics, {bundle.name: startup_policy(store, bundle.manifest)})
     app = create_app(settings, engine=engine, metrics=metrics)
-    if not any(getattr(r, "path", "").startswith("/admin") for r in app.routes):
-        app.include_router(build_admin_router(engine, settings, store))  # until create_app wires it
     policy = f"/admin/models/{bundle.name}/exit-policy"
 
     async def go() -> None:

@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
-from server import protocol
 from server.bundle import load_bundle
-from tests.server.test_http import ServerProcess, digits
+from server.http import codec as protocol
+from tests.fakes import ServerProcess, digits
 
 TOKEN = "test-admin-token-0123456789"
 

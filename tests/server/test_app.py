@@ -4,7 +4,6 @@ lifespan. The real engine over real HTTP is in test_http.py."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,57 +12,14 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from server import protocol
-from server.app import UNKNOWN_MODEL, create_app
-from server.bundle import Bundle
-from server.errors import BundleError, NotFound, Overloaded, RequestTimeout
+from offramp.cli import demo_bundle
+from server.errors import BundleError, Overloaded, RequestTimeout
+from server.http import codec as protocol
+from server.http.app import create_app
+from server.http.v2 import UNKNOWN_MODEL
 from server.metrics import Metrics
 from server.settings import Settings
-from tests.server.test_protocol import _manifest
-
-
-@dataclass(frozen=True)
-class Result:
-    labels: np.ndarray
-    probabilities: np.ndarray
-    exit_stage: np.ndarray
-
-
-@dataclass
-class FakeEngine:
-    """The Engine interface; `error` is raised by infer when set."""
-
-    error: Exception | None = None
-    started: bool = False
-    stopped_with: list[bool] = field(default_factory=list)
-    _bundle: Bundle = field(default_factory=lambda: Bundle(Path("."), _manifest()))
-
-    @property
-    def ready(self) -> bool:
-        return self.started
-
-    def model_names(self) -> list[str]:
-        return [self._bundle.name]
-
-    def bundle(self, model: str) -> Bundle:
-        if model != self._bundle.name:
-            raise NotFound(f"unknown model {model!r}")
-        return self._bundle
-
-    async def start(self) -> None:
-        self.started = True
-
-    async def stop(self, drain: bool = True) -> None:
-        self.started = False
-        self.stopped_with.append(drain)
-
-    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True) -> Result:
-        if self.error is not None:
-            raise self.error
-        n = len(x)
-        probs = np.full((n, 10), 0.1, np.float32)
-        stage = np.full(n, 1 if early_exit else 2, np.int32)
-        return Result(np.arange(n, dtype=np.int64) % 10, probs, stage)
+from tests.fakes import FakeEngine
 
 
 def _client(engine: FakeEngine, metrics: Metrics) -> TestClient:
@@ -153,4 +109,9 @@ def test_a_missing_bundle_stops_the_app_before_it_starts(tmp_path: Path) -> None
 def test_no_bundle_without_the_export_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "model_export.demo", None)  # as if model_export were not installed
     with pytest.raises(BundleError, match=r"pip install 'offramp\[export\]'"):
+        demo_bundle(Settings())
+
+
+def test_the_server_serves_only_what_it_is_given() -> None:
+    with pytest.raises(BundleError, match="no bundle to serve"):
         create_app(Settings())

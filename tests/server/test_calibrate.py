@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.bundle import Calibration, load_bundle
-from server.calibrate import available_criteria, calibrate, frontier, simulate
-from server.calibrate_cli import register
+from server.control.calibrate import available_criteria, calibrate, frontier, simulate
+from server.control.calibrate_cli import register
 from server.exits import ExitState, advance, softmax
 
 

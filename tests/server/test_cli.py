@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.cli import build_parser, main, redacted, settings_docs, settings_from_args
+from offramp.cli import build_parser, main
+from server.cli import redacted, settings_docs, settings_from_args
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +73,7 @@ def test_serve_fails_clearly_on_a_missing_bundle_and_logs_no_token(tmp_path: Pat
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFRAMP_")}
     env["OFFRAMP_ADMIN_TOKEN"] = "s3cr3t-token-value"
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(tmp_path / "nope"), "--port", "0"],
+        [sys.executable, "-m", "offramp.cli", "serve", "--bundle", str(tmp_path / "nope"), "--port", "0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2
@@ -84,7 +85,7 @@ def test_invalid_setting_from_the_environment_exits_2(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFRAMP_")}
     env["OFFRAMP_ADMIN_TOKEN"] = "changeme"
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--bundle", str(tmp_path)],
+        [sys.executable, "-m", "offramp.cli", "serve", "--bundle", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )
     assert proc.returncode == 2 and "admin_token" in proc.stderr and "placeholder" in proc.stderr

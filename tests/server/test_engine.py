@@ -14,15 +14,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.bundle import Bundle, PolicySpec, load_bundle
-from server.engine import Engine, InferResult
+from server.bundle import Bundle, load_bundle
+from server.engine.engine import Engine, InferResult
+from server.engine.runtime import CPU_PROVIDER, CUDA_PROVIDER
 from server.errors import BadRequest, NotFound, NotReady
 from server.exits import softmax
 from server.metrics import Metrics
 from server.policy import ExitPolicy
-from server.runtime import CPU_PROVIDER, CUDA_PROVIDER
 from server.settings import Settings
-from tests.server.test_runtime import build_onnx_bundle
+from tests.fakes import build_onnx_bundle
 
 HAS_CUDA = CUDA_PROVIDER in ort.get_available_providers()
 
@@ -167,7 +167,7 @@ def test_engine_api_checks_and_policy_swap(helper_bundle: Bundle) -> None:
     name = helper_bundle.name
     assert engine.model_names() == [name] and engine.bundle(name) is helper_bundle
     assert engine.policy(name) == ExitPolicy("max_prob", (0.6, 0.6), 1)  # the manifest default
-    assert engine.policy(name).to_spec() == helper_bundle.manifest.default_policy
+    assert engine.policy(name).same_as(helper_bundle.manifest.default_policy)
     with pytest.raises(NotFound):
         engine.bundle("nope")
     x = np.random.default_rng(0).uniform(0, 16, (4, 8, 8)).astype(np.float32)
@@ -195,8 +195,7 @@ def test_engine_api_checks_and_policy_swap(helper_bundle: Bundle) -> None:
 
 
 def test_initial_policies_from_the_store_are_used_when_they_fit(helper_bundle: Bundle) -> None:
-    spec = PolicySpec(criterion="gate", thresholds=[0.5, None])
-    policy = ExitPolicy.from_spec(spec, version=4, num_stages=3)
+    policy = ExitPolicy(criterion="gate", thresholds=[0.5, None], version=4)
     engine = Engine([helper_bundle], _settings(), Metrics(), {helper_bundle.name: policy})
     assert engine.policy(helper_bundle.name) == policy
     with pytest.raises(ValueError, match="expected 2 thresholds"):

@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,67 +19,14 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server import protocol
 from server.bundle import load_bundle
+from server.http import codec as protocol
+from tests.fakes import ServerProcess, digits, infer
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_BYTES = 65536
 MAX_SAMPLES = 128
 STARTUP_S = 90
-
-
-class ServerProcess:
-    """`python -m server.cli serve` on a free port; its log is collected by a reader thread."""
-
-    def __init__(self, bundle: Path, cache_dir: Path, *flags: str):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OFFRAMP_")}
-        cmd = [
-            sys.executable, "-m", "server.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-            "--port", "0", "--cache-dir", str(cache_dir), "--intra-op-threads", "1", *flags,
-        ]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._bound = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._bound.wait(STARTUP_S) or self.port is None:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + self.log)
-        self.url = f"http://127.0.0.1:{self.port}"
-        for _ in range(200):  # bounded: ready normally answers at once once the port is bound
-            if httpx.get(self.url + "/v2/health/ready").status_code == 200:
-                break
-            time.sleep(0.05)
-        else:
-            raise RuntimeError("server never became ready:\n" + self.log)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                self._bound.set()
-        self._bound.set()  # process ended
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def terminate(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +44,6 @@ def model(tiny_bundle: Path) -> str:
     return load_bundle(tiny_bundle).name
 
 
-def digits(n: int, seed: int = 0) -> np.ndarray:
-    from sklearn.datasets import load_digits
-
-    images = load_digits().images.astype(np.float32)
-    return images[np.random.default_rng(seed).choice(len(images), n, replace=False)]
-
-
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     text = httpx.get(url + "/metrics").text
     return {
@@ -120,11 +54,6 @@ def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def metric(values: dict, name: str, **labels: str) -> float:
     return values.get((name, frozenset(labels.items())), 0.0)
-
-
-def infer(url: str, model: str, x: np.ndarray, **kwargs: object) -> httpx.Response:
-    body, headers = protocol.encode_request(x, "pixels", **kwargs)  # type: ignore[arg-type]
-    return httpx.post(f"{url}/v2/models/{model}/infer", content=body, headers=headers, timeout=30)
 
 
 def run_stages_directly(bundle: Path, x: np.ndarray) -> np.ndarray:

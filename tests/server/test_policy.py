@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from server.bundle import PolicySpec, load_bundle
+from server.bundle import load_bundle
 from server.policy import ExitPolicy
-from tests.server.test_runtime import build_onnx_bundle
+from tests.fakes import build_onnx_bundle, fake_manifest
 
 
 @pytest.fixture(scope="module")
@@ -23,24 +23,23 @@ def _without(manifest, output: str):
     return manifest.model_copy(update={"stages": stages})
 
 
-def test_from_spec_and_back() -> None:
-    spec = PolicySpec(criterion="entropy", thresholds=[0.2, None, 1])
-    policy = ExitPolicy.from_spec(spec, version=3, num_stages=4)
+def test_from_json_values_and_back() -> None:
+    spec = ExitPolicy(criterion="entropy", thresholds=[0.2, None, 1])
+    policy = spec.with_version(3).checked(fake_manifest(stages=4))
     assert policy == ExitPolicy("entropy", (0.2, None, 1.0), 3)
-    assert policy.to_spec() == PolicySpec(criterion="entropy", thresholds=[0.2, None, 1.0])
+    assert policy.same_as(ExitPolicy(criterion="entropy", thresholds=[0.2, None, 1.0]))
     assert policy.threshold(1) is None and policy.threshold(3) is None  # the last stage always answers
     assert policy.describe() == "v3 entropy [0.2, null, 1]"
 
 
-def test_from_spec_lists_every_problem_at_once() -> None:
+def test_validation_lists_every_problem_at_once() -> None:
     with pytest.raises(ValueError) as err:
-        spec = PolicySpec(criterion="max_prob", thresholds=[1.5, None, 0.3])
-        ExitPolicy.from_spec(spec, version=-1, num_stages=3)
+        ExitPolicy(criterion="max_prob", thresholds=[1.5, None, 0.3], version=-1).checked(fake_manifest(stages=3))
     message = str(err.value)
     assert "expected 2 thresholds" in message and "threshold 0 = 1.5" in message and "version" in message
-    bogus = PolicySpec.model_construct(criterion="wild", thresholds=[0.5])
+    bogus = ExitPolicy(criterion="wild", thresholds=[0.5], version=1)
     with pytest.raises(ValueError, match="unknown criterion"):
-        ExitPolicy.from_spec(bogus, version=1, num_stages=2)
+        bogus.checked(fake_manifest(stages=2))
 
 
 def test_policies_are_immutable_snapshots() -> None:
@@ -59,5 +58,4 @@ def test_criteria_need_the_outputs_they_read(manifest, tmp_path: Path) -> None:
     assert "stages [1] have none" in sim.problems_for(_without(manifest, "similarity"))[0]
     assert ExitPolicy("max_prob", (0.5, 0.5), 1).problems_for(_without(manifest, "gate")) == []
     with pytest.raises(ValueError, match="'gate' output"):
-        ExitPolicy.for_manifest(PolicySpec(criterion="gate", thresholds=[0.5, 0.5]), version=1,
-                                manifest=_without(manifest, "gate"))
+        ExitPolicy(criterion="gate", thresholds=[0.5, 0.5], version=1).checked(_without(manifest, "gate"))

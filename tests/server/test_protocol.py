@@ -8,31 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from server import protocol
-from server.bundle import InputSpec, Manifest
+from server.bundle import InputSpec
 from server.errors import BadRequest
+from server.http import codec as protocol
+from tests.fakes import fake_manifest
 
 SPEC = InputSpec(name="pixels", shape=[-1, 8, 8], dtype="FP32")
 MAX = 16
-
-
-def _manifest(classes: int = 10, stages: int = 3) -> Manifest:
-    tensor = {"shape": [-1, 4], "dtype": "FP32"}
-    return Manifest.model_validate({
-        "format_version": 1, "name": "digits", "version": "3", "labels": [str(i) for i in range(classes)],
-        "input": {"name": "pixels", "shape": [-1, 8, 8], "dtype": "FP32"},
-        "stages": [
-            {
-                "index": i, "file": f"stage_{i:02d}.onnx", "sha256": "0" * 64, "blocks": [i],
-                "inputs": [{"name": "pixels" if i == 0 else "hidden_in", **tensor}],
-                "outputs": [{"name": "hidden", **tensor}, {"name": "logits", "shape": [-1, classes]}],
-                "flops": 10, "params": 10,
-            }
-            for i in range(stages)
-        ],
-        "default_policy": {"criterion": "max_prob", "thresholds": [0.9] * (stages - 1)},
-        "accuracy": {"samples": 10, "per_stage": [0.5] * stages},
-    })
 
 
 @dataclass(frozen=True)
@@ -99,7 +81,7 @@ def test_response_round_trip(binary_output: bool) -> None:
         x=np.zeros((4, 8, 8), np.float32), id="abc",
         outputs=[protocol.RequestedOutput(n, binary_output) for n in protocol.OUTPUTS],
     )
-    body, headers = protocol.encode_infer_response(_manifest(), req, result)
+    body, headers = protocol.encode_infer_response(fake_manifest(), req, result)
     assert (protocol.INFER_HEADER in headers) is binary_output
     assert headers["content-type"] == (
         protocol.BINARY_CONTENT_TYPE if binary_output else protocol.JSON_CONTENT_TYPE
@@ -119,7 +101,7 @@ def test_outputs_select_and_mix_binary_and_json() -> None:
     Out = protocol.RequestedOutput
     assert req.outputs == [Out("exit_stage", False), Out("label", True)]
     result = _result(2)
-    out, headers = protocol.encode_infer_response(_manifest(), req, result)
+    out, headers = protocol.encode_infer_response(fake_manifest(), req, result)
     doc, arrays = protocol.decode_response(out, headers)
     assert [o["name"] for o in doc["outputs"]] == ["exit_stage", "label"]
     assert "data" in doc["outputs"][0] and "data" not in doc["outputs"][1]
@@ -137,7 +119,7 @@ def test_binary_data_output_is_the_default_for_every_output() -> None:
 
 
 def test_metadata_describes_inputs_and_outputs() -> None:
-    meta = protocol.model_metadata(_manifest(classes=7))
+    meta = protocol.model_metadata(fake_manifest(classes=7))
     assert meta["name"] == "digits" and meta["versions"] == ["3"] and meta["platform"] == "offramp-early-exit"
     assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8]}]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {

@@ -23,15 +23,16 @@ from typing import Any
 import httpx
 import pytest
 
-from server.bundle import Bundle, PolicySpec, load_bundle
+from server.bundle import load_bundle
 from server.errors import PreconditionFailed
 from server.metrics import Metrics
 from server.policy import ExitPolicy
 
 pytest.importorskip("redis", reason="the Redis store needs the redis client (the `redis` or `test` extra)")
 
-from server.redis_store import PolicySync, RedisPolicyStore, StoreUnavailable  # noqa: E402
-from tests.server.test_http import ServerProcess, digits, infer  # noqa: E402
+from server.control.redis_store import RedisPolicyStore, StoreUnavailable  # noqa: E402
+from server.control.sync import PolicySync  # noqa: E402
+from tests.fakes import FakeEngine, ServerProcess, digits, infer  # noqa: E402
 
 TOKEN = "test-admin-token-9f2c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -106,8 +107,8 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-def spec(*thresholds: float | None, criterion: str = "max_prob") -> PolicySpec:
-    return PolicySpec(criterion=criterion, thresholds=list(thresholds))  # type: ignore[arg-type]
+def spec(*thresholds: float | None, criterion: str = "max_prob") -> ExitPolicy:
+    return ExitPolicy(criterion=criterion, thresholds=list(thresholds))  # type: ignore[arg-type]
 
 
 def eventually(check: Callable[[], Any], bound_s: float = PROPAGATION_BOUND_S) -> Any:
@@ -208,25 +209,6 @@ def test_credentials_never_reach_logs_or_errors(redis_server: RedisServer) -> No
 # -- one replica's engine following the store -----------------------------------------------------
 
 
-class FakeEngine:
-    """The engine calls PolicySync makes (server.engine.Engine has them)."""
-
-    def __init__(self, bundle: Bundle, policy: ExitPolicy):
-        self._bundle, self._policy, self.applied = bundle, policy, 0
-
-    def bundle(self, model: str) -> Bundle:
-        return self._bundle
-
-    def policy(self, model: str) -> ExitPolicy:
-        return self._policy
-
-    def set_policy(self, model: str, policy: ExitPolicy) -> None:
-        self._policy, self.applied = policy, self.applied + 1
-
-    def model_names(self) -> list[str]:
-        return [self._bundle.name]
-
-
 def test_startup_with_redis_down_uses_the_last_known_policy_else_the_default(
     tiny_bundle: Path, tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -234,7 +216,7 @@ def test_startup_with_redis_down_uses_the_last_known_policy_else_the_default(
     model, state = manifest.name, tmp_path / "state"
     nowhere = f"redis://127.0.0.1:{free_port()}/0"
     assert RedisPolicyStore(nowhere, last_known_dir=state, timeout_s=0.2).startup_policy(manifest) == \
-        ExitPolicy.for_manifest(manifest.default_policy, version=0, manifest=manifest)
+        manifest.default_policy.with_version(0).checked(manifest)
 
     seen = RedisPolicyStore(redis_server.url, last_known_dir=state)
     seen.load(model, manifest.default_policy)

@@ -6,27 +6,16 @@ executes the same binding, gather and concat code with the CPU provider.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from server.bundle import (
-    FORMAT_VERSION,
-    AccuracySpec,
-    InputSpec,
-    Manifest,
-    PolicySpec,
-    StageSpec,
-    TensorSpec,
     load_bundle,
-    sha256_file,
-    write_manifest,
 )
-from server.runtime import (
+from server.engine.runtime import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     DeviceError,
@@ -39,92 +28,7 @@ from server.runtime import (
     session_options,
 )
 from server.settings import Settings
-
-HIDDEN_DIM, CLASSES = 16, 10
-
-
-def _stage_model(index: int, rng: np.random.Generator, head: np.ndarray) -> onnx.ModelProto:
-    """A small dense stage (residual after stage 0, heads alike, so labels often persist across
-    exits) with every optional output: gate (all stages), similarity (stages > 0)."""
-    f = TensorProto.FLOAT
-    inits = [
-        numpy_helper.from_array(rng.normal(0, 0.4, (64 if index == 0 else HIDDEN_DIM, HIDDEN_DIM))
-                                .astype(np.float32), "w"),
-        numpy_helper.from_array(rng.normal(0, 0.2, HIDDEN_DIM).astype(np.float32), "b"),
-        numpy_helper.from_array((head + rng.normal(0, 0.3, head.shape)).astype(np.float32), "head"),
-        numpy_helper.from_array(rng.normal(0, 0.5, (HIDDEN_DIM, 1)).astype(np.float32), "g"),
-        numpy_helper.from_array(np.array([-1], np.int64), "vec"),
-    ]
-    src = "pixels" if index == 0 else "hidden_in"
-    nodes = []
-    if index == 0:
-        nodes.append(helper.make_node("Reshape", ["pixels", "flat"], ["x"]))
-        nodes.append(helper.make_node("Mul", ["x", "scale"], ["xs"]))
-        inits.append(numpy_helper.from_array(np.array([-1, 64], np.int64), "flat"))
-        inits.append(numpy_helper.from_array(np.array(1 / 16, np.float32), "scale"))
-        first = "xs"
-    else:
-        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
-        nodes.append(helper.make_node("Add", [src, "delta"], ["hidden"]))
-        first = src
-    nodes += [
-        helper.make_node("MatMul", [first, "w"], ["pre"]),
-        helper.make_node("Add", ["pre", "b"], ["pre_b"]),
-        helper.make_node("Tanh", ["pre_b"], ["hidden"] if index == 0 else ["delta"]),
-        helper.make_node("MatMul", ["hidden", "head"], ["logits"]),
-        helper.make_node("MatMul", ["hidden", "g"], ["g_raw"]),
-        helper.make_node("Sigmoid", ["g_raw"], ["g_sig"]),
-        helper.make_node("Reshape", ["g_sig", "vec"], ["gate"]),
-    ]
-    outputs = [
-        helper.make_tensor_value_info("hidden", f, ["N", HIDDEN_DIM]),
-        helper.make_tensor_value_info("logits", f, ["N", CLASSES]),
-        helper.make_tensor_value_info("gate", f, ["N"]),
-    ]
-    if index > 0:
-        nodes += [
-            helper.make_node("Mul", [src, "hidden"], ["ab"]),
-            helper.make_node("ReduceSum", ["ab", "axis1"], ["dot"], keepdims=0),
-            helper.make_node("Mul", [src, src], ["aa"]),
-            helper.make_node("ReduceSum", ["aa", "axis1"], ["na2"], keepdims=0),
-            helper.make_node("Mul", ["hidden", "hidden"], ["bb"]),
-            helper.make_node("ReduceSum", ["bb", "axis1"], ["nb2"], keepdims=0),
-            helper.make_node("Mul", ["na2", "nb2"], ["n2"]),
-            helper.make_node("Sqrt", ["n2"], ["norm"]),
-            helper.make_node("Div", ["dot", "norm"], ["similarity"]),
-        ]
-        outputs.append(helper.make_tensor_value_info("similarity", f, ["N"]))
-    shape = ["N", 8, 8] if index == 0 else ["N", HIDDEN_DIM]
-    inputs = [helper.make_tensor_value_info(src, f, shape)]
-    graph = helper.make_graph(nodes, f"stage_{index}", inputs, outputs, inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def build_onnx_bundle(root: Path, num_stages: int = 3, seed: int = 0) -> Path:
-    """A verified bundle built with onnx.helper in milliseconds (no torch): input `pixels` [-1, 8, 8]."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    head = rng.normal(0, 1.5, (HIDDEN_DIM, CLASSES))
-    stages = []
-    for i in range(num_stages):
-        path = root / f"stage_{i:02d}.onnx"
-        onnx.save(_stage_model(i, rng, head), str(path))
-        outputs = [TensorSpec(name="hidden", shape=[-1, HIDDEN_DIM]),
-                   TensorSpec(name="logits", shape=[-1, CLASSES]), TensorSpec(name="gate", shape=[-1])]
-        if i > 0:
-            outputs.append(TensorSpec(name="similarity", shape=[-1]))
-        inputs = [TensorSpec(name="pixels", shape=[-1, 8, 8])] if i == 0 else [
-            TensorSpec(name="hidden_in", shape=[-1, HIDDEN_DIM])]
-        stages.append(StageSpec(index=i, file=path.name, sha256=sha256_file(path), blocks=[i], inputs=inputs,
-                                outputs=outputs, flops=1000 * (i + 1), params=100))
-    manifest = Manifest(
-        format_version=FORMAT_VERSION, name="helper-dense", labels=[str(c) for c in range(CLASSES)],
-        input=InputSpec(name="pixels", shape=[-1, 8, 8]), stages=stages,
-        default_policy=PolicySpec(criterion="max_prob", thresholds=[0.6] * (num_stages - 1)),
-        accuracy=AccuracySpec(samples=0, per_stage=[0.0] * num_stages), calibration=None,
-    )
-    write_manifest(root, manifest)
-    return root
+from tests.fakes import HIDDEN_DIM, build_onnx_bundle
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.engine.runtime import StageOutputs
+from server.engine.scheduler import InferResult, ModelScheduler
 from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
 from server.exits import ExitState, decide, softmax
 from server.metrics import Metrics
 from server.policy import ExitPolicy
-from server.runtime import StageOutputs
-from server.scheduler import InferResult, ModelScheduler
 from server.settings import Settings
 
 C = 4  # classes

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from server.bundle import PolicySpec
+from server.control.store import SOURCE_DEFAULT, SOURCE_PUT, FilePolicyStore
 from server.errors import PreconditionFailed
-from server.store import SOURCE_DEFAULT, SOURCE_PUT, FilePolicyStore
+from server.policy import ExitPolicy
 
-DEFAULT = PolicySpec(criterion="max_prob", thresholds=[0.9, 0.8])
+DEFAULT = ExitPolicy(criterion="max_prob", thresholds=[0.9, 0.8])
 
 
 def test_first_load_uses_the_default_and_reload_keeps_policy_and_history(tmp_path: Path) -> None:
     store = FilePolicyStore(tmp_path)
     first = store.load("m", DEFAULT)
     assert (first.version, first.source, first.thresholds) == (1, SOURCE_DEFAULT, (0.9, 0.8))
-    store.update("m", PolicySpec(criterion="entropy", thresholds=[0.2, None]), SOURCE_PUT)
-    patience = PolicySpec(criterion="patience", thresholds=[2, 2])
+    store.update("m", ExitPolicy(criterion="entropy", thresholds=[0.2, None]), SOURCE_PUT)
+    patience = ExitPolicy(criterion="patience", thresholds=[2, 2])
     store.update("m", patience, "admin:calibrate", expected_version=2)
 
     reopened = FilePolicyStore(tmp_path)  # a restart
@@ -38,7 +38,7 @@ def test_stale_expected_version_is_refused_and_changes_nothing(tmp_path: Path) -
     store = FilePolicyStore(tmp_path)
     store.load("m", DEFAULT)
     with pytest.raises(PreconditionFailed, match="version 1, not 7") as err:
-        store.update("m", PolicySpec(criterion="margin", thresholds=[0.5, 0.5]), SOURCE_PUT,
+        store.update("m", ExitPolicy(criterion="margin", thresholds=[0.5, 0.5]), SOURCE_PUT,
                      expected_version=7)
     assert err.value.status_code == 412
     assert store.get("m").version == 1 and len(store.history("m")) == 1
@@ -62,7 +62,7 @@ def test_file_is_complete_json_after_every_write(tmp_path: Path) -> None:
     store = FilePolicyStore(tmp_path)
     store.load("m", DEFAULT)
     for i in range(5):
-        store.update("m", PolicySpec(criterion="max_prob", thresholds=[0.5 + i / 10, None]), SOURCE_PUT)
+        store.update("m", ExitPolicy(criterion="max_prob", thresholds=[0.5 + i / 10, None]), SOURCE_PUT)
         data = json.loads(store.path("m").read_text())
         assert data["current"]["version"] == i + 2 and len(data["history"]) == i + 2
 
@@ -81,7 +81,7 @@ def test_concurrent_compare_and_set_has_exactly_one_winner_per_version(tmp_path:
                    wins: list[int] = wins, losses: list[int] = losses) -> None:
             barrier.wait()
             try:
-                store.update("m", PolicySpec(criterion="max_prob", thresholds=[i / 10, None]), SOURCE_PUT,
+                store.update("m", ExitPolicy(criterion="max_prob", thresholds=[i / 10, None]), SOURCE_PUT,
                              expected_version=version)
                 wins.append(i)
             except PreconditionFailed:

@@ -1,8 +1,10 @@
 """The early-exit serving engine: bundles in, per-sample answers out. Knows nothing of HTTP.
 
-`Engine` owns one `ModelScheduler` (queues + worker thread) and one stage runner per bundle and
-the live `ExitPolicy` of each model. The constructor only checks its arguments; sessions are
-created by `start()` (the FastAPI lifespan), so building an app never loads a model.
+`Engine` owns one `ModelScheduler` (queues + worker thread) and one stage runner per bundle. The
+live `ExitPolicy` of a model has one owner: the engine until the model starts, its scheduler from
+then on (the engine hands it over in `start()` and takes it back in `stop()`). The constructor only
+checks its arguments; sessions are created by `start()` (the FastAPI lifespan), so building an
+app never loads a model. `Engine` implements `server.interface.ServingEngine`.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from collections.abc import Callable
 import numpy as np
 
 from server.bundle import NUMPY_DTYPES, Bundle
+from server.engine.runtime import OrtStageRunner, StageRunner
+from server.engine.scheduler import ModelScheduler
 from server.errors import BadRequest, NotFound, NotReady
+from server.interface import InferResult
 from server.metrics import Metrics
 from server.policy import ExitPolicy
-from server.runtime import OrtStageRunner, StageRunner
-from server.scheduler import InferResult, ModelScheduler
 from server.settings import Settings
 
 __all__ = ["Engine", "InferResult", "RunnerFactory"]
@@ -48,16 +51,10 @@ class Engine:
         self._policies: dict[str, ExitPolicy] = {}
         problems: list[str] = []
         for name, bundle in self._bundles.items():
-            policy = initial_policies.get(name)
-            if policy is None:
-                try:
-                    policy = ExitPolicy.for_manifest(bundle.manifest.default_policy, version=1,
-                                                     manifest=bundle.manifest)
-                except ValueError as err:
-                    problems.append(f"{name}: default policy: {err}")
-                    continue
-            else:
-                problems.extend(f"{name}: {p}" for p in policy.problems_for(bundle.manifest))
+            given = initial_policies.get(name)
+            policy = given if given is not None else bundle.manifest.default_policy.with_version(1)
+            what = "" if given is not None else "default policy: "
+            problems.extend(f"{name}: {what}{p}" for p in policy.problems_for(bundle.manifest))
             self._policies[name] = policy
         if problems:
             raise ValueError("; ".join(problems))
@@ -78,7 +75,7 @@ class Engine:
                 scheduler = ModelScheduler(
                     name, runner, flops=[s.flops for s in m.stages], num_classes=m.num_classes,
                     settings=self.settings, metrics=self.metrics, policy=self._policies[name],
-                )
+                )  # from here on the scheduler owns the live policy
                 scheduler.start()
                 self._schedulers[name] = scheduler
                 log.info("%s: serving %d stages, policy %s", name, m.num_stages,
@@ -92,16 +89,13 @@ class Engine:
         """Stop accepting; with `drain`, finish the requests in flight first. Idempotent."""
         self._started = False
         schedulers, self._schedulers = self._schedulers, {}
+        for name, scheduler in schedulers.items():
+            self._policies[name] = scheduler.policy  # the engine owns it again
         await asyncio.gather(*(s.stop(drain=drain) for s in schedulers.values()))
 
     @property
     def ready(self) -> bool:
         return self._started and all(s.ready for s in self._schedulers.values())
-
-    def model_ready(self, model: str) -> bool:
-        self.bundle(model)
-        scheduler = self._schedulers.get(model)
-        return self._started and scheduler is not None and scheduler.ready
 
     def model_names(self) -> list[str]:
         return list(self._bundles)
@@ -114,7 +108,8 @@ class Engine:
 
     def policy(self, model: str) -> ExitPolicy:
         self.bundle(model)
-        return self._policies[model]
+        scheduler = self._schedulers.get(model)
+        return scheduler.policy if scheduler is not None else self._policies[model]
 
     def set_policy(self, model: str, policy: ExitPolicy) -> None:
         """Swap the model's policy atomically; batches that start from now on use it.
@@ -126,11 +121,11 @@ class Engine:
         problems = policy.problems_for(bundle.manifest)
         if problems:
             raise ValueError(f"{model}: " + "; ".join(problems))
-        self._policies[model] = policy
         scheduler = self._schedulers.get(model)
         if scheduler is not None:
             scheduler.set_policy(policy)
         else:
+            self._policies[model] = policy  # the scheduler reports it from start on
             self.metrics.policy(model, policy.version, list(policy.thresholds))
         log.info("%s: exit policy now %s", model, policy.describe())
 

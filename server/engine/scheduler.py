@@ -28,125 +28,20 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from server.engine.rows import Batch, Chunk, PendingRequest, by_request, merge, post_result
+from server.engine.runtime import StageOutputs, StageRunner
 from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
-from server.exits import NEEDS_SIMILARITY, ExitState, decide, softmax
+from server.exits import ExitState, decide, softmax
+from server.interface import InferResult
 from server.metrics import Metrics
 from server.policy import ExitPolicy
-from server.runtime import StageOutputs, StageRunner
 from server.settings import Settings
 
 log = logging.getLogger("offramp.scheduler")
-
-
-@dataclass(frozen=True)
-class InferResult:
-    labels: np.ndarray  # int64 [N]
-    probabilities: np.ndarray  # float32 [N, C]
-    exit_stage: np.ndarray  # int32 [N], 0-based stage index
-
-
-@dataclass(eq=False)
-class _Request:
-    n: int
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[InferResult]
-    labels: np.ndarray
-    probs: np.ndarray
-    exit_stage: np.ndarray
-    remaining: int
-    done: bool = False  # answered, failed or timed out: its rows are dropped wherever they are
-
-
-@dataclass(eq=False)
-class _Chunk:
-    """Rows waiting together for one stage. Shadow rows have no owner (`owners[i] is None`).
-
-    `hidden[rows]` (all of `hidden` when `rows` is None) is the chunk's input. Selecting rows is
-    deferred so that filtering and splitting under the lock only touch index arrays; the worker
-    gathers on the device when it runs the batch.
-    """
-
-    hidden: Any
-    owners: np.ndarray  # object [n]
-    sample: np.ndarray  # int64 [n], row index inside the owner request
-    full: np.ndarray  # bool [n], early_exit disabled for this row
-    early_label: np.ndarray  # int64 [n], shadow rows: the label answered early; else -1
-    state: ExitState
-    rows: np.ndarray | None = None
-    since: float = field(default_factory=time.monotonic)
-
-    def __len__(self) -> int:
-        return len(self.sample)
-
-    def select(self, sel: np.ndarray) -> _Chunk:
-        rows = sel if self.rows is None else self.rows[sel]
-        return _Chunk(self.hidden, self.owners[sel], self.sample[sel], self.full[sel], self.early_label[sel],
-                      self.state.take(sel), rows, self.since)
-
-    def alive(self) -> np.ndarray:
-        return np.fromiter((o is None or not o.done for o in self.owners), dtype=bool, count=len(self))
-
-
-@dataclass(eq=False)
-class _Batch:
-    """Rows of one stage run: merged metadata, and the chunks whose hidden states make its input."""
-
-    meta: _Chunk  # hidden is None until materialised
-    parts: list[_Chunk]
-
-    def __len__(self) -> int:
-        return len(self.meta)
-
-
-def _merge(parts: list[_Chunk]) -> _Batch:
-    if len(parts) == 1:  # the common case: no copies
-        p = parts[0]
-        return _Batch(_Chunk(None, p.owners, p.sample, p.full, p.early_label, p.state), parts)
-    meta = _Chunk(
-        None,
-        np.concatenate([p.owners for p in parts]),
-        np.concatenate([p.sample for p in parts]),
-        np.concatenate([p.full for p in parts]),
-        np.concatenate([p.early_label for p in parts]),
-        ExitState.concat([p.state for p in parts]) if len(parts) > 1 else parts[0].state,
-    )
-    return _Batch(meta, parts)
-
-
-def _by_request(owners: np.ndarray, rows: np.ndarray) -> list[tuple[_Request, np.ndarray]]:
-    """The rows of a batch grouped by the request that owns them (most batches have one owner)."""
-    if len(rows) == 0:
-        return []
-    picked = owners[rows]
-    first = picked[0]
-    if all(o is first for o in picked):
-        return [(first, rows)]
-    groups: dict[int, tuple[_Request, list[int]]] = {}
-    for row, owner in zip(rows.tolist(), picked, strict=True):
-        groups.setdefault(id(owner), (owner, []))[1].append(row)
-    return [(owner, np.asarray(r, dtype=np.int64)) for owner, r in groups.values()]
-
-
-def _post(loop: asyncio.AbstractEventLoop, *args: Any) -> None:
-    try:
-        loop.call_soon_threadsafe(_resolve, *args)
-    except RuntimeError:  # the loop is closed: nobody is waiting any more
-        pass
-
-
-def _resolve(future: asyncio.Future[InferResult], result: InferResult | None,
-             error: Exception | None) -> None:
-    if future.done():  # timed out or cancelled meanwhile
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
 
 
 class ModelScheduler:
@@ -169,8 +64,8 @@ class ModelScheduler:
         self._policy = policy
         self._rng = np.random.default_rng(seed)
         self._cond = threading.Condition()
-        self._queues: list[deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
-        self._shadow: list[deque[_Chunk]] = [deque() for _ in range(self.num_stages)]
+        self._queues: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
+        self._shadow: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
         # -1 forces the first report, so every stage's depth gauge exists (at 0) from the start:
         # an autoscaler reading it must not see "no data" before the first request.
         self._reported_depths = [-1] * self.num_stages
@@ -179,7 +74,7 @@ class ModelScheduler:
         self._accepting = False
         self._draining = False
         self._halt = False
-        self._running: _Batch | None = None  # the batch the worker is computing
+        self._running: Batch | None = None  # the batch the worker is computing
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -190,7 +85,7 @@ class ModelScheduler:
         self._thread.start()
         with self._cond:
             self._report_depths()
-        self.metrics.policy(self.name, self._policy.version, list(self._policy.thresholds))
+        self.set_policy(self._policy)  # report it
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting; with `drain`, finish every request in flight first, else fail them (503)."""
@@ -214,16 +109,9 @@ class ModelScheduler:
         return self._policy
 
     def set_policy(self, policy: ExitPolicy) -> None:
-        if len(policy.thresholds) != self.num_stages - 1:
-            raise ValueError(f"{self.name}: policy has {len(policy.thresholds)} thresholds, "
-                             f"expected {self.num_stages - 1}")
+        """Swap the live policy (validated by the caller) and report it: the one place that does."""
         self._policy = policy  # one reference swap: a running batch keeps its snapshot
         self.metrics.policy(self.name, policy.version, list(policy.thresholds))
-
-    def depth(self, stage: int) -> int:
-        """Rows waiting for `stage` (request rows only)."""
-        with self._cond:
-            return sum(len(c) for c in self._queues[stage])
 
     # ---- request side ----------------------------------------------------------------------------
 
@@ -237,11 +125,11 @@ class ModelScheduler:
             raise BadRequest(f"request has {n} samples; model {self.name!r} queues at most {limit} "
                              "(max_queue_size): split it")
         loop = asyncio.get_running_loop()
-        req = _Request(n, loop, loop.create_future(), np.zeros(n, np.int64),
+        req = PendingRequest(n, loop, loop.create_future(), np.zeros(n, np.int64),
                        np.zeros((n, self.num_classes), np.float32), np.zeros(n, np.int32), remaining=n)
         owners = np.empty(n, dtype=object)
         owners.fill(req)
-        chunk = _Chunk(x, owners, np.arange(n, dtype=np.int64), np.full(n, not early_exit),
+        chunk = Chunk(x, owners, np.arange(n, dtype=np.int64), np.full(n, not early_exit),
                        np.full(n, -1, np.int64), ExitState.initial(n))
         with self._cond:
             if not self._accepting:
@@ -263,7 +151,7 @@ class ModelScheduler:
             self._abandon(req)
             raise
 
-    def _abandon(self, req: _Request) -> None:
+    def _abandon(self, req: PendingRequest) -> None:
         with self._cond:
             if req.done:
                 return
@@ -282,7 +170,7 @@ class ModelScheduler:
             if not req.done:
                 req.done = True
                 self._load -= req.remaining
-                _post(req.loop, req.future, None, error)
+                post_result(req.loop, req.future, None, error)
 
     def _fail_all(self, error: OfframpError) -> None:
         if self._running is not None:
@@ -307,7 +195,7 @@ class ModelScheduler:
             self._execute(*job)
             self._running = None
 
-    def _next_job(self) -> tuple[int, _Batch, bool] | None:
+    def _next_job(self) -> tuple[int, Batch, bool] | None:
         """Wait for the next batch to run (lock held); None when the worker should exit."""
         while True:
             if self._halt:
@@ -345,10 +233,10 @@ class ModelScheduler:
             wait = left if wait is None else min(wait, left)
         return None, wait
 
-    def _form_batch(self, q: deque[_Chunk]) -> _Batch | None:
+    def _form_batch(self, q: deque[Chunk]) -> Batch | None:
         """Pop up to max_batch_size live rows from a queue, splitting the last chunk if needed (lock held)."""
         room = self.settings.max_batch_size
-        parts: list[_Chunk] = []
+        parts: list[Chunk] = []
         while q and room > 0:
             chunk = q.popleft()
             alive = chunk.alive()
@@ -362,13 +250,13 @@ class ModelScheduler:
             parts.append(chunk)
             room -= len(chunk)
         self._report_depths()
-        return _merge(parts) if parts else None
+        return merge(parts) if parts else None
 
-    def _materialise(self, batch: _Batch) -> Any:
+    def _materialise(self, batch: Batch) -> Any:
         inputs = [p.hidden if p.rows is None else self.runner.take(p.hidden, p.rows) for p in batch.parts]
         return inputs[0] if len(inputs) == 1 else self.runner.concat(inputs)
 
-    def _execute(self, stage: int, batch: _Batch, shadow: bool) -> None:
+    def _execute(self, stage: int, batch: Batch, shadow: bool) -> None:
         policy = self._policy  # the snapshot this batch keeps
         try:
             x = self._materialise(batch)
@@ -391,37 +279,34 @@ class ModelScheduler:
                 self._report_depths()
                 self._cond.notify_all()
 
-    def _after_stage(self, stage: int, batch: _Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
+    def _after_stage(self, stage: int, batch: Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
         n = len(batch)
         last = stage == self.num_stages - 1
         probs = softmax(out.logits)
         if last:
             exit_mask, labels, state = np.ones(n, dtype=bool), probs.argmax(axis=-1), batch.state
         else:
-            similarity = out.similarity
-            if similarity is None and policy.criterion in NEEDS_SIMILARITY:
-                similarity = np.full(n, np.nan, np.float32)  # nothing before stage 0: never exits here
             exit_mask, labels, state = decide(policy.criterion, policy.threshold(stage), out.logits,
-                                              batch.state, out.gate, similarity, probs)
+                                              batch.state, out.gate, out.similarity, probs, stage)
             exit_mask &= ~batch.full
         alive = batch.alive()
         survivors = shadow = None
         go_on = np.flatnonzero(~exit_mask & alive)
         if len(go_on):  # the gather happens when the next stage runs (merged with other survivors)
             rows = None if len(go_on) == n else go_on
-            survivors = _Chunk(out.hidden, batch.owners[go_on], batch.sample[go_on], batch.full[go_on],
+            survivors = Chunk(out.hidden, batch.owners[go_on], batch.sample[go_on], batch.full[go_on],
                                batch.early_label[go_on], state.take(go_on), rows)
         if not last and self.settings.shadow_rate > 0:
             pick = np.flatnonzero(exit_mask & alive & (self._rng.random(n) < self.settings.shadow_rate))
             pick = pick[:max(0, self.settings.max_queue_size - self._shadow_load)]
             if len(pick):
-                shadow = _Chunk(out.hidden, np.empty(len(pick), dtype=object), batch.sample[pick],
+                shadow = Chunk(out.hidden, np.empty(len(pick), dtype=object), batch.sample[pick],
                                 np.ones(len(pick), bool), labels[pick].astype(np.int64), state.take(pick),
                                 pick)
-        finished: list[_Request] = []
+        finished: list[PendingRequest] = []
         with self._cond:
             answered = 0
-            for req, rows in _by_request(batch.owners, np.flatnonzero(exit_mask)):
+            for req, rows in by_request(batch.owners, np.flatnonzero(exit_mask)):
                 if req.done:
                     continue
                 j = batch.sample[rows]  # whole-array writes: no per-sample Python on big batches
@@ -441,18 +326,18 @@ class ModelScheduler:
             self._cond.notify_all()
         # Wake the event loop only once the lock is free: its next submit must not wait for us.
         for req in finished:
-            _post(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
+            post_result(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
         self.metrics.samples_exited(self.name, stage, answered, answered * float(self.cum_flops[stage]),
                                     answered * float(self.cum_flops[-1]))
 
-    def _after_shadow(self, stage: int, batch: _Chunk, out: StageOutputs) -> None:
+    def _after_shadow(self, stage: int, batch: Chunk, out: StageOutputs) -> None:
         if stage == self.num_stages - 1:
             disagreements = int((out.logits.argmax(axis=-1) != batch.early_label).sum())
             with self._cond:
                 self._shadow_load -= len(batch)
             self.metrics.shadow(self.name, len(batch), disagreements)
             return
-        nxt = _Chunk(out.hidden, batch.owners, batch.sample, batch.full, batch.early_label, batch.state)
+        nxt = Chunk(out.hidden, batch.owners, batch.sample, batch.full, batch.early_label, batch.state)
         with self._cond:
             self._shadow[stage + 1].append(nxt)
             self._cond.notify_all()

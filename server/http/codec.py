@@ -1,6 +1,6 @@
 """Open Inference Protocol (KServe V2) REST: decode and validate infer requests, encode responses.
 
-Pure functions of bytes and numpy, no HTTP framework: the routes in `server/app.py` call them.
+Pure functions of bytes and numpy, no HTTP framework: the routes in `server/http/v2.py` call them.
 Both body layouts are handled:
 
 - JSON: the whole body is one JSON object; tensor `data` is a flat (row-major) or nested list.
@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from server import __version__
 from server.bundle import NUMPY_DTYPES, InputSpec, Manifest
 from server.errors import BadRequest
+from server.interface import InferResult
 
 INFER_HEADER = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
@@ -39,14 +40,6 @@ OUTPUTS: dict[str, tuple[str, np.dtype]] = {
     "probabilities": ("FP32", np.dtype("<f4")),
     "exit_stage": ("INT32", np.dtype("<i4")),
 }
-
-
-class InferOutputs(Protocol):
-    """What the engine answers (server.engine.InferResult has these fields)."""
-
-    labels: np.ndarray  # int64 [N]
-    probabilities: np.ndarray  # float32 [N, C]
-    exit_stage: np.ndarray  # int32 [N]
 
 
 @dataclass(frozen=True)
@@ -283,13 +276,13 @@ def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[Reques
 # Responses
 
 
-def _output_array(name: str, result: InferOutputs) -> np.ndarray:
+def _output_array(name: str, result: InferResult) -> np.ndarray:
     source = {"label": result.labels, "probabilities": result.probabilities, "exit_stage": result.exit_stage}
     return np.ascontiguousarray(source[name], dtype=OUTPUTS[name][1])
 
 
 def encode_infer_response(
-    manifest: Manifest, request: InferRequest, result: InferOutputs
+    manifest: Manifest, request: InferRequest, result: InferResult
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers (content type, and the extension header when binary)."""
     outputs: list[dict[str, Any]] = []

@@ -28,28 +28,26 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from server.bundle import GATE, SIMILARITY, Calibration, Manifest
-from server.exits import NEEDS_GATE, NEEDS_SIMILARITY, ExitState, advance, decide, softmax, threshold_range
+from server.bundle import Calibration, Manifest
+from server.exits import CRITERIA, Criterion, ExitState, advance, decide, lookup, softmax, threshold_range
 
-BASE_CRITERIA = ("max_prob", "margin", "entropy", "patience")
 TARGETS = ("target_agreement", "target_accuracy", "compute_budget")
 _PRICES = tuple(float(p) for p in np.geomspace(1e-3, 1e3, 36))
 _PLOT_PRICES = tuple(float(p) for p in np.geomspace(1e-3, 1e3, 120))
 
 
 def available_criteria(manifest: Manifest, calibration: Calibration | None = None) -> list[str]:
-    """Criteria this bundle's stages can serve (and, given calibration data, calibrate)."""
-    early = manifest.stages[:-1]
-    out = list(BASE_CRITERIA)
-    has_gate = calibration is None or calibration.gate is not None
-    if early and all(s.has_output(GATE) for s in early) and has_gate:
-        out += list(NEEDS_GATE)
-    # Similarity compares a stage's hidden state with its input: stage 0 has none, so it needs a later exit.
-    if len(early) > 1 and all(s.has_output(SIMILARITY) for s in early[1:]) and (
-        calibration is None or calibration.similarity is not None
-    ):
-        out += list(NEEDS_SIMILARITY)
-    return out
+    """Criteria this bundle's stages can serve (and, given calibration data, calibrate): every one
+    whose stage output exists at some early exit and at all early exits from its first stage on."""
+    n = manifest.num_stages
+
+    def usable(info: Criterion) -> bool:
+        if info.reads is None:
+            return True
+        return (info.first_stage < n - 1 and not info.missing_at(lambda k, o: manifest.stages[k].has_output(o), n)
+                and (calibration is None or getattr(calibration, info.reads) is not None))
+
+    return [name for name, info in CRITERIA.items() if usable(info)]
 
 
 @dataclass(frozen=True)
@@ -113,10 +111,9 @@ def _check(calibration: Calibration, criterion: str, num_stages: int) -> None:
         raise ValueError(f"calibration data has {stages} stages, the model has {num_stages}")
     if calibration.labels.shape[0] == 0:
         raise ValueError("calibration data has no samples")
-    for needs, array in ((NEEDS_GATE, "gate"), (NEEDS_SIMILARITY, "similarity")):
-        if criterion in needs and getattr(calibration, array) is None:
-            raise ValueError(
-                f"criterion {criterion!r} needs the calibration array {array!r}, which this bundle lacks")
+    reads = lookup(criterion).reads
+    if reads is not None and getattr(calibration, reads) is None:
+        raise ValueError(f"criterion {criterion!r} needs the calibration array {reads!r}, which this bundle lacks")
 
 
 def simulate(

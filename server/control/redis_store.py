@@ -10,9 +10,7 @@ keeps a model's keys in one Redis Cluster slot):
 
 `update` is a compare-and-set in one Lua script (read the version, check it, write, append,
 publish), so two replicas can never both win the same version and a change is never stored
-without its notification. `PolicySync` keeps one replica's engine in step: a thread subscribed to
-its models' channels applies a change within milliseconds, and polls every few seconds as a safety
-net for notifications lost while disconnected.
+without its notification. `server.control.sync.PolicySync` keeps one replica's engine in step.
 
 Redis down: the engine keeps the policy it has (requests never wait on Redis), a warning is logged
 once per outage, `offramp_policy_store_up{store="redis"}` reads 0, admin calls answer 503 after a
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,25 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
-
-from server.admin import AdminEngine
-from server.bundle import Manifest, PolicySpec
-from server.errors import NotReady, PreconditionFailed
+from server.bundle import Manifest
+from server.control.store import MAX_HISTORY, POLICY_JSON, SOURCE_DEFAULT, stale, startup_policy
+from server.errors import NotReady, first_line
+from server.files import atomic_write
 from server.metrics import Metrics
 from server.policy import ExitPolicy
-from server.store import (
-    MAX_HISTORY,
-    SOURCE_DEFAULT,
-    PolicyRecord,
-    _describe,
-    _first_line,
-    _fsync_dir,
-    _stored,
-    _StoredPolicy,
-    now_iso,
-    startup_policy,
-)
 
 if TYPE_CHECKING:
     import redis
@@ -63,7 +47,6 @@ log = logging.getLogger("offramp.store.redis")
 STORE_NAME = "redis"  # the `store` label of offramp_policy_store_up
 SOURCE_SEED = "replica-seed (the store had no policy)"
 CAS_ATTEMPTS = 20
-MIN_BACKOFF_S = 0.1  # PolicySync reconnects after this, doubling up to max_backoff_s
 
 # KEYS: current, history. ARGV: the version the new record is based on, the record (JSON),
 # history cap, channel. Returns -1 when written, else the current version (nothing written).
@@ -136,86 +119,79 @@ class RedisPolicyStore:
 
     # -- the protocol ------------------------------------------------------------------------------
 
-    def load(self, model: str, default: PolicySpec, source: str = SOURCE_DEFAULT) -> PolicyRecord:
+    def load(self, model: str, default: ExitPolicy, source: str = SOURCE_DEFAULT) -> ExitPolicy:
         record = self.get(model)
         if record is not None:
             return record
-        first = PolicyRecord(default.criterion, tuple(default.thresholds), 1, now_iso(), source)
+        first = default.with_version(1, source)
         if self._write(model, first, base=0) == -1:
-            log.info("policy of %s initialised in %s (%s): %s", model, self.where, source, _describe(first))
+            log.info("policy of %s initialised in %s (%s): %s", model, self.where, source, first.describe())
             return self._seen(model, first)
         record = self.get(model)  # another replica initialised it first
         if record is None:
             raise StoreUnavailable(f"policy of {model} in {self.where} vanished while initialising it")
         return record
 
-    def get(self, model: str) -> PolicyRecord | None:
+    def get(self, model: str) -> ExitPolicy | None:
         with self._calling("read the policy of " + model):
             raw = self.client.get(self.key(model, "policy"))
         record = None if raw is None else self._parse(model, raw)
         return None if record is None else self._seen(model, record)
 
-    def update(
-        self, model: str, spec: PolicySpec, source: str, expected_version: int | None = None
-    ) -> PolicyRecord:
+    def update(self, model: str, policy: ExitPolicy, source: str,
+               expected_version: int | None = None) -> ExitPolicy:
         for _ in range(CAS_ATTEMPTS):
             current = self.get(model)
             base = 0 if current is None else current.version
             if expected_version is not None and expected_version != base:
-                raise _stale(model, base, expected_version)
-            record = PolicyRecord(spec.criterion, tuple(spec.thresholds), base + 1, now_iso(), source)
+                raise stale(model, base, expected_version)
+            record = policy.with_version(base + 1, source)
             found = self._write(model, record, base)
             if found == -1:
-                log.info("policy of %s changed by %s: %s", model, source, _describe(record))
+                log.info("policy of %s changed by %s: %s", model, source, record.describe())
                 return self._seen(model, record)
             if expected_version is not None:
-                raise _stale(model, found, expected_version)
+                raise stale(model, found, expected_version)
         raise StoreUnavailable(f"policy of {model} changed {CAS_ATTEMPTS} times while updating it: retry")
 
-    def history(self, model: str) -> list[PolicyRecord]:
+    def history(self, model: str) -> list[ExitPolicy]:
         with self._calling("read the policy history of " + model):
             raws = self.client.lrange(self.key(model, "history"), 0, -1)
         records = []
         for raw in raws:
             try:
-                records.append(_StoredPolicy.model_validate_json(raw).record())
-            except ValidationError as err:
+                records.append(self._decode(raw))
+            except ValueError as err:  # ValidationError is one
                 log.error("skipping a CORRUPT history entry of %s in %s: %s", model, self.where,
-                          _first_line(err))
+                          first_line(err))
         return records
 
     # -- replicas ----------------------------------------------------------------------------------
 
     def startup_policy(self, manifest: Manifest) -> ExitPolicy:
-        """`server.store.startup_policy`; with Redis down, the last policy this replica saw (version
+        """`server.control.store.startup_policy`; with Redis down, the last policy this replica saw (version
         kept, so the store's record replaces it only when they differ), else the bundle default as
         version 0, which any stored version replaces. The server starts either way."""
         try:
             return startup_policy(self, manifest)
         except StoreUnavailable as err:
             model = manifest.name
-            record = self.last_known(model)
-            policy = None
-            if record is not None:
-                try:
-                    policy = ExitPolicy.for_manifest(record.spec, version=record.version, manifest=manifest)
-                except ValueError:
-                    policy = None
-            if policy is None:
-                policy = ExitPolicy.for_manifest(manifest.default_policy, version=0, manifest=manifest)
+            policy = self.last_known(model)
+            if policy is None or policy.problems_for(manifest):
+                policy = manifest.default_policy.with_version(0).checked(manifest)
             what = "the bundle default" if policy.version == 0 else "the last policy this replica saw"
             log.warning("%s; %s starts with %s, %s, and follows the store once it answers",
                         err.message, model, what, policy.describe())
             return policy
 
-    def last_known(self, model: str) -> PolicyRecord | None:
+    def last_known(self, model: str) -> ExitPolicy | None:
         path = self._last_known_path(model)
         if path is None or not path.is_file():
             return None
         try:
-            return _StoredPolicy.model_validate_json(path.read_bytes()).record()
-        except (OSError, ValidationError) as err:
-            log.warning("ignoring the unreadable last-known policy %s: %s", path, _first_line(err))
+            return self._decode(path.read_bytes())
+        except (OSError, ValueError) as err:
+            log.warning("ignoring the unreadable last-known policy %s: %s", path, first_line(err))
             return None
 
     def close(self) -> None:
@@ -231,41 +207,42 @@ class RedisPolicyStore:
         except self._redis.RedisError as err:
             self._mark(False, err)
             raise StoreUnavailable(f"policy store {self.where} unreachable, could not {what}: "
-                                   f"{_first_line(err)}") from err
+                                   f"{first_line(err)}") from err
         self._mark(True)
 
-    def _write(self, model: str, record: PolicyRecord, base: int) -> int:
-        data = _stored(record).model_dump_json()
+    @staticmethod
+    def _decode(raw: str | bytes) -> ExitPolicy:
+        record = POLICY_JSON.validate_json(raw)
+        if record.version < 1:
+            raise ValueError(f"stored version {record.version} is not positive")
+        return record
+
+    def _write(self, model: str, record: ExitPolicy, base: int) -> int:
+        data = POLICY_JSON.dump_json(record).decode()
         keys = [self.key(model, "policy"), self.key(model, "history")]
         with self._calling("change the policy of " + model):
             return int(self._cas(keys=keys, args=[base, data, MAX_HISTORY, self.channel(model)]))
 
-    def _parse(self, model: str, raw: str) -> PolicyRecord | None:
+    def _parse(self, model: str, raw: str) -> ExitPolicy | None:
         """The stored record; a corrupt one is renamed aside and reported, as the file store does."""
         try:
-            return _StoredPolicy.model_validate_json(raw).record()
-        except ValidationError as err:
+            return self._decode(raw)
+        except ValueError as err:
             aside = self.key(model, f"policy.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
             with self._calling("move aside the corrupt policy of " + model):
                 self.client.rename(self.key(model, "policy"), aside)
             log.error("CORRUPT policy of %s in %s (%s): renamed it to %s; the next read starts from a "
-                      "default", model, self.where, _first_line(err), aside)
+                      "default", model, self.where, first_line(err), aside)
             return None
 
-    def _seen(self, model: str, record: PolicyRecord) -> PolicyRecord:
+    def _seen(self, model: str, record: ExitPolicy) -> ExitPolicy:
         """Keep a copy of each new version read, so a restart during an outage resumes from it."""
         path = self._last_known_path(model)
         if path is None or self._remembered.get(model) == record.version:
             return record
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-            with open(tmp, "wb") as f:
-                f.write(_stored(record).model_dump_json().encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            atomic_write(path, POLICY_JSON.dump_json(record))
             self._remembered[model] = record.version
         except OSError as err:  # only the outage fallback suffers: say so, carry on
             log.warning("cannot keep the last-known policy of %s in %s: %s", model, path, err)
@@ -283,100 +260,6 @@ class RedisPolicyStore:
             self.metrics.store_up(STORE_NAME, up)
         if not up and was is not False:
             log.warning("policy store %s unreachable (%s): serving the last policy; admin changes answer "
-                        "503 until it is back", self.where, _first_line(err) if err else "?")
+                        "503 until it is back", self.where, first_line(err) if err else "?")
         elif up and was is False:
             log.warning("policy store %s reachable again", self.where)
-
-
-def _stale(model: str, current: int, expected: int) -> PreconditionFailed:
-    return PreconditionFailed(
-        f"policy of {model} is at version {current}, not {expected}: read it again and retry")
-
-
-class PolicySync:
-    """Applies the store's policy changes to this replica's engine (pub/sub, plus polling)."""
-
-    def __init__(self, store: RedisPolicyStore, engine: AdminEngine, *, poll_interval_s: float = 2.0,
-                 max_backoff_s: float = 5.0):
-        if poll_interval_s <= 0 or max_backoff_s <= 0:
-            raise ValueError("poll_interval_s and max_backoff_s must be positive")
-        self.store, self.engine = store, engine
-        self.poll_interval_s, self.max_backoff_s = poll_interval_s, max_backoff_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._refused: set[tuple[str, int]] = set()
-        self._backoff = MIN_BACKOFF_S
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="offramp-policy-sync", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout_s)
-
-    def refresh(self, model: str) -> bool:
-        """Apply the stored policy of `model` when it differs from the engine's; True if applied.
-
-        The engine's policy is read first: the admin API stores a change before it applies it, so a
-        stored version older than the engine's means the store was reset, and then the store wins
-        (an empty store is seeded with this replica's policy rather than the bundle default).
-        """
-        live = self.engine.policy(model)
-        record = self.store.load(model, live.to_spec(), source=SOURCE_SEED)
-        if (record.version, record.criterion, record.thresholds) == (live.version, live.criterion,
-                                                                     live.thresholds):
-            return False
-        manifest = self.engine.bundle(model).manifest
-        try:
-            policy = ExitPolicy.for_manifest(record.spec, version=record.version, manifest=manifest)
-        except ValueError as err:
-            if (model, record.version) not in self._refused:
-                self._refused.add((model, record.version))
-                log.error("stored policy %s of %s does not fit this replica's bundle (%s): keeping %s",
-                          _describe(record), model, _first_line(err), live.describe())
-            return False
-        if record.version < live.version:
-            log.warning("the store holds v%d of %s, older than this replica's v%d (was it reset?): "
-                        "following the store", record.version, model, live.version)
-        self.engine.set_policy(model, policy)
-        log.info("%s: applied %s from the policy store (%s)", model, policy.describe(), record.source)
-        return True
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._follow()
-            except (StoreUnavailable, self.store._redis.RedisError, OSError) as err:
-                if not isinstance(err, StoreUnavailable):
-                    self.store._mark(False, err)
-                self._stop.wait(self._backoff)
-                self._backoff = min(self._backoff * 2, self.max_backoff_s)
-            except Exception:  # a bug must not end the thread for good
-                log.exception("policy sync failed; retrying in %.1f s", self.max_backoff_s)
-                self._stop.wait(self.max_backoff_s)
-
-    def _follow(self) -> None:
-        """Subscribe, catch up on everything, then apply changes as they are announced."""
-        models = {self.store.channel(m): m for m in self.engine.model_names()}
-        pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
-        try:
-            pubsub.subscribe(*models)
-            self._backoff = MIN_BACKOFF_S  # connected: the next outage starts retrying quickly
-            next_poll = 0.0
-            while not self._stop.is_set():
-                if time.monotonic() >= next_poll:  # catch-up after (re)connecting, then the safety net
-                    for model in models.values():
-                        self.refresh(model)
-                    next_poll = time.monotonic() + self.poll_interval_s
-                message = pubsub.get_message(timeout=0.25)
-                if message is not None and message.get("type") == "message":
-                    model = models.get(message["channel"])
-                    if model is not None:
-                        self.refresh(model)
-        finally:
-            pubsub.close()

@@ -1,6 +1,6 @@
 """`offramp calibrate`: thresholds for a target from a bundle's calibration data, printed as a
 table, optionally plotted (agreement and accuracy against compute for every criterion) and stored
-as the bundle's default policy. The search itself is `server.calibrate`."""
+as the bundle's default policy. The search itself is `server.control.calibrate`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.bundle import Manifest, PolicySpec
-from server.calibrate import TARGETS, CalibrationResult, available_criteria, calibrate, frontier
+from server.bundle import Manifest
+from server.control.calibrate import TARGETS, CalibrationResult, available_criteria, calibrate, frontier
+from server.policy import ExitPolicy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +68,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     status = 0 if results else 1
     if args.plot is not None:
-        from server.plots import PlotUnavailable, plot_frontiers
+        from server.control.plots import PlotUnavailable, plot_frontiers
 
         curves = {c: frontier(calib, manifest, c) for c in criteria}
         chosen = {c: (r.report.compute_fraction, r.report.agreement, r.report.accuracy)
@@ -81,7 +82,7 @@ def run_cli(args: argparse.Namespace) -> int:
             status = 2
     if args.write_default and results:
         best = best_result(results)
-        spec = PolicySpec(criterion=best.criterion, thresholds=best.thresholds)  # type: ignore[arg-type]
+        spec = ExitPolicy(best.criterion, tuple(best.thresholds))
         path = write_manifest(bundle.root, manifest.model_copy(update={"default_policy": spec}))
         print(f"default policy written to {path}: {best.criterion} {_show(best.thresholds)}")
     return status

@@ -1,0 +1,1 @@
+"""Control: policy stores, replica sync, calibration and the admin operations. Knows nothing of HTTP."""

@@ -1,0 +1,104 @@
+"""Live exit control: read, change and recalibrate a model's policy, store first, then engine.
+
+The admin routes (server.http.admin) decode a request and call this; nothing here knows HTTP. A
+change is validated once (`ExitPolicy.problems_for`), persisted by the store's compare-and-set (so
+`If-Match` is checked against the durable version), then swapped into the engine; batches already
+running finish with the policy they started with. Methods block (store I/O, calibration): call
+them off the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from server.bundle import Calibration
+from server.control.calibrate import TARGETS, available_criteria, calibrate
+from server.control.store import SOURCE_CALIBRATE, SOURCE_PUT, PolicyStore
+from server.errors import BundleError, Unprocessable
+from server.interface import ServingEngine
+from server.policy import ExitPolicy
+
+
+class PolicyControl:
+    """The admin operations on the live policies of an engine's models."""
+
+    def __init__(self, engine: ServingEngine, store: PolicyStore):
+        self.engine, self.store = engine, store
+        self._apply_lock = threading.Lock()  # store.update and engine.set_policy happen in version order
+        self._calibrations: dict[str, Calibration] = {}
+
+    def current(self, model: str) -> ExitPolicy:
+        """The stored policy of `model` (`NotFound` for an unknown model)."""
+        bundle = self.engine.bundle(model)
+        record = self.store.get(model)
+        return record if record is not None else self.store.load(model, bundle.manifest.default_policy)
+
+    def describe(self, model: str, record: ExitPolicy) -> dict[str, Any]:
+        """A policy as the admin API shows it, with the criteria the model can serve and its default."""
+        manifest = self.engine.bundle(model).manifest
+        default = manifest.default_policy
+        return {
+            "model": model,
+            **record.to_dict(),
+            "criteria": available_criteria(manifest),
+            "default": {"criterion": default.criterion, "thresholds": list(default.thresholds)},
+        }
+
+    def history(self, model: str) -> list[ExitPolicy]:
+        self.engine.bundle(model)
+        return self.store.history(model)
+
+    def put(self, model: str, criterion: str | None, thresholds: Sequence[float | None],
+            expected: int | None) -> ExitPolicy:
+        """Set the thresholds (and the criterion; None keeps the current one)."""
+        manifest = self.engine.bundle(model).manifest
+        chosen = criterion if criterion is not None else self.current(model).criterion
+        policy = ExitPolicy(chosen, tuple(thresholds))
+        problems = policy.problems_for(manifest)
+        if problems:
+            raise Unprocessable(f"invalid exit policy for {model}: " + "; ".join(problems))
+        return self._apply(model, policy, SOURCE_PUT, expected)
+
+    def calibrate(self, model: str, targets: dict[str, float], criterion: str | None, dry_run: bool,
+                  expected: int | None) -> dict[str, Any]:
+        """Thresholds for exactly one target from the bundle's calibration data; applied unless `dry_run`."""
+        if len(targets) != 1:
+            raise Unprocessable(f"give exactly one of {', '.join(TARGETS)}; got {sorted(targets) or 'none'}")
+        manifest = self.engine.bundle(model).manifest
+        live = self.current(model)
+        calib = self._calibration(model)
+        usable = available_criteria(manifest, calib)
+        chosen = criterion or (live.criterion if live.criterion in usable else "max_prob")
+        if chosen not in usable:
+            raise Unprocessable(f"criterion {chosen!r} cannot be calibrated for {model}; available: {usable}")
+        try:
+            result = calibrate(calib, manifest, criterion=chosen, **{k: float(v) for k, v in targets.items()})
+        except ValueError as err:
+            raise Unprocessable(str(err)) from err
+        out: dict[str, Any] = {"model": model, "dry_run": dry_run, **result.to_dict()}
+        if dry_run:
+            out.update(applied=False, version=None, current_version=live.version)
+            return out
+        (name, value), = targets.items()
+        record = self._apply(model, ExitPolicy(chosen, tuple(result.thresholds)),
+                             f"{SOURCE_CALIBRATE} ({name}={value:g})", expected)
+        out.update(applied=True, version=record.version, current_version=record.version)
+        return out
+
+    def _apply(self, model: str, policy: ExitPolicy, source: str, expected: int | None) -> ExitPolicy:
+        with self._apply_lock:
+            record = self.store.update(model, policy, source, expected)
+            self.engine.set_policy(model, record)
+        return record
+
+    def _calibration(self, model: str) -> Calibration:
+        bundle = self.engine.bundle(model)
+        key = str(bundle.root)
+        if key not in self._calibrations:
+            try:
+                self._calibrations[key] = bundle.calibration()
+            except BundleError as err:
+                raise Unprocessable(f"cannot calibrate {model}: {err}") from err
+        return self._calibrations[key]

@@ -1,0 +1,105 @@
+"""Admin API (`/admin`): read, change and recalibrate a model's live exit policy.
+
+Thin routes: authorize, decode and validate the request, call `server.control.policies`, encode.
+Auth: `Authorization: Bearer <OFFRAMP_ADMIN_TOKEN>`, compared in constant time and never logged.
+With no token configured the admin API is off (403), so it cannot be left open by accident.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from starlette.concurrency import run_in_threadpool
+
+from server.control.calibrate import TARGETS
+from server.control.policies import PolicyControl
+from server.errors import Forbidden, PreconditionFailed, Unauthorized
+from server.http.bodies import parse_json, parse_model, read_body
+from server.policy import ExitPolicy
+from server.settings import Settings
+
+MAX_ADMIN_BODY = 64 * 1024
+DISABLED = "admin API is disabled: set OFFRAMP_ADMIN_TOKEN"
+
+Threshold = StrictFloat | StrictInt | None
+
+
+class PolicyBody(BaseModel):
+    """PUT body: one threshold per early exit; `null` disables that exit."""
+
+    model_config = ConfigDict(extra="forbid")
+    criterion: str | None = Field(None, description="Default: keep the current criterion.")
+    thresholds: list[Threshold]
+
+
+class CalibrateBody(BaseModel):
+    """POST calibrate body: exactly one target."""
+
+    model_config = ConfigDict(extra="forbid")
+    target_agreement: StrictFloat | StrictInt | None = None
+    target_accuracy: StrictFloat | StrictInt | None = None
+    compute_budget: StrictFloat | StrictInt | None = None
+    criterion: str | None = Field(None, description="Default: the current policy's criterion.")
+    dry_run: StrictBool = False
+
+
+def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
+    """The `/admin` router over the live policies `control` manages."""
+    token = settings.admin_token
+
+    def authorize(request: Request) -> None:
+        if token is None:
+            raise Forbidden(DISABLED)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized("missing bearer token: send 'Authorization: Bearer <OFFRAMP_ADMIN_TOKEN>'")
+        if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+            raise Unauthorized("invalid bearer token")
+
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authorize)])
+
+    def described(model: str, record: ExitPolicy) -> JSONResponse:
+        return JSONResponse(control.describe(model, record), headers={"ETag": f'"{record.version}"'})
+
+    @router.get("/models/{model}/exit-policy")
+    async def get_policy(model: str) -> JSONResponse:
+        return described(model, await run_in_threadpool(control.current, model))
+
+    @router.put("/models/{model}/exit-policy")
+    async def put_policy(model: str, request: Request) -> JSONResponse:
+        body = parse_model(PolicyBody, parse_json(await read_body(request, MAX_ADMIN_BODY)))
+        expected = _if_match(request)
+        record = await run_in_threadpool(control.put, model, body.criterion, body.thresholds, expected)
+        return described(model, record)
+
+    @router.post("/models/{model}/calibrate")
+    async def calibrate_policy(model: str, request: Request) -> JSONResponse:
+        body = parse_model(CalibrateBody, parse_json(await read_body(request, MAX_ADMIN_BODY)))
+        targets = {k: float(getattr(body, k)) for k in TARGETS if getattr(body, k) is not None}
+        out = await run_in_threadpool(control.calibrate, model, targets, body.criterion, body.dry_run,
+                                      _if_match(request) if len(targets) == 1 else None)
+        return JSONResponse(out, headers={"ETag": f'"{out["current_version"]}"'})
+
+    @router.get("/models/{model}/exit-policy/history")
+    async def get_history(model: str) -> dict[str, Any]:
+        records = await run_in_threadpool(control.history, model)
+        return {"model": model, "history": [r.to_dict() for r in records]}
+
+    return router
+
+
+def _if_match(request: Request) -> int | None:
+    """The version an `If-Match` header names (`5`, `"5"` or `W/"5"`); None when absent or `*`."""
+    header = request.headers.get("if-match")
+    if header is None or header.strip() == "*":
+        return None
+    tag = header.strip()
+    tag = tag[2:] if tag.startswith("W/") else tag
+    tag = tag.strip('"')
+    if not tag.isdigit():
+        raise PreconditionFailed(f"If-Match {header!r} names no policy version (expected e.g. \"5\")")
+    return int(tag)

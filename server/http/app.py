@@ -1,0 +1,87 @@
+"""The FastAPI app: the V2 routes, `/metrics` and the admin API over one engine, one error format.
+
+`create_app` serves what it is given: an engine, or bundles (loaded and verified, so a broken
+bundle stops the server before it binds), or the bundles the settings name. The engine's sessions
+start in the lifespan and the engine drains there on shutdown. Which bundle to serve when none is
+configured (the demo) is the front door's business (`offramp.cli`), not the server's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from server import __version__
+from server.bundle import Bundle, load_bundle
+from server.control.policies import PolicyControl
+from server.control.stores import build_store, build_sync
+from server.errors import BundleError
+from server.http.admin import build_admin_router
+from server.http.bodies import install_error_handlers
+from server.http.v2 import v2
+from server.interface import ServingEngine
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("offramp.app")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    engine: ServingEngine = app.state.engine
+    await engine.start()
+    log.info("serving models %s", engine.model_names())
+    sync = app.state.policy_sync
+    if sync is not None:
+        sync.start()  # from now on, changes made through other replicas apply here too
+    try:
+        yield
+    finally:
+        # uvicorn runs this after the connections with requests in flight have been answered.
+        app.state.draining = True
+        if sync is not None:
+            await run_in_threadpool(sync.stop)
+        await engine.stop(drain=True)
+        log.info("engine stopped")
+
+
+def create_app(settings: Settings, *, engine: ServingEngine | None = None, metrics: Metrics | None = None,
+               bundles: list[Bundle] | None = None) -> FastAPI:
+    """Build the app. Without `engine`, build one over `bundles` (default: load and verify the
+    bundles `settings` names); its sessions start when the app starts."""
+    metrics = metrics if metrics is not None else Metrics()
+    store = build_store(settings, metrics)
+    if engine is None:
+        from server.engine.engine import Engine  # onnxruntime loads here, not when the CLI parses flags
+
+        if bundles is None:
+            bundles = [load_bundle(path) for path in settings.bundles]
+        if not bundles:
+            raise BundleError("no bundle to serve: pass --bundle DIR or set OFFRAMP_BUNDLES")
+        # The live policy survives restarts: start from what operators last set, else the bundle default.
+        # With Redis down that is this replica's last known policy (server.control.redis_store).
+        policies = {b.name: store.startup_policy(b.manifest) for b in bundles}
+        engine = Engine(bundles, settings, metrics, policies)
+
+    app = FastAPI(title="offramp", version=__version__, lifespan=_lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.draining = False  # set on SIGTERM (server.cli) so /v2/health/ready turns 503 at once
+    app.state.policy_sync = build_sync(store, engine)  # several replicas, one store
+
+    app.include_router(v2)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.include_router(build_admin_router(PolicyControl(engine, store), settings))
+    install_error_handlers(app)
+    return app

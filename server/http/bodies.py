@@ -1,0 +1,73 @@
+"""Request bodies: read with a size limit, decode JSON, validate against a schema, one error format.
+
+Shared by the V2 routes and the admin routes. Every problem a client can cause is an
+`OfframpError` carrying its status (413, 400, 422), which the app's handler turns into
+`{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from server.errors import BadRequest, OfframpError, PayloadTooLarge, Unprocessable, validation_problems
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than `limit` bytes: by Content-Length up front, by counting when chunked."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise BadRequest(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
+    chunks: list[bytes] = []
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise BadRequest("client disconnected before sending the whole body") from None
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadRequest(f"request body is not valid JSON: {err}") from err
+
+
+def parse_model(model: type[M], data: Any) -> M:
+    """`data` validated against a request schema; 422 naming every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise Unprocessable(f"invalid request body: {validation_problems(err)}") from err
+
+
+async def offramp_error(request: Request, err: Exception) -> JSONResponse:
+    assert isinstance(err, OfframpError)
+    return JSONResponse({"error": err.message}, status_code=err.status_code, headers=err.headers)
+
+
+async def http_error(request: Request, err: Exception) -> JSONResponse:
+    """Framework errors (unknown route, wrong method) in the same `{"error": ...}` format."""
+    assert isinstance(err, StarletteHTTPException)
+    return JSONResponse({"error": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+
+
+def install_error_handlers(app: Any) -> None:
+    """The one error format on a FastAPI app: `{"error": "..."}` with the error's status."""
+    app.add_exception_handler(OfframpError, offramp_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

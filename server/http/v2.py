@@ -1,0 +1,128 @@
+"""Open Inference Protocol (KServe V2) REST routes: thin, over the engine.
+
+Routes read the body (bounded), hand bytes to `server.http.codec` to decode, call the engine, and
+encode. Every error a client can cause is an `OfframpError` carrying its status.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from server.bundle import Bundle
+from server.errors import NotFound, OfframpError
+from server.http import codec
+from server.http.bodies import read_body
+from server.interface import ServingEngine
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("offramp.app")
+T = TypeVar("T")
+
+# Bodies above this size are decoded/encoded in a worker thread so that parsing a large JSON
+# request does not stall every other request on the event loop; small ones are cheaper inline.
+THREAD_OFFLOAD_BYTES = 256 * 1024
+JSON_BYTES_PER_FLOAT = 20  # rough size of one probability in a JSON response
+UNKNOWN_MODEL = "_unknown"  # metrics label for requests naming no served model (bounded cardinality)
+
+
+def _outcome(status: int) -> str:
+    if status == 503:
+        return "overloaded"
+    if status == 504:
+        return "timeout"
+    return "bad_request" if 400 <= status < 500 else "error"
+
+
+async def _maybe_offloaded(size: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn` inline, or in a worker thread when `size` (bytes of work) would stall the loop."""
+    if size > THREAD_OFFLOAD_BYTES:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def _state(request: Request) -> tuple[ServingEngine, Settings, Metrics]:
+    s = request.app.state
+    return s.engine, s.settings, s.metrics
+
+
+def _serving(request: Request) -> bool:
+    return request.app.state.engine.ready and not request.app.state.draining
+
+
+def _bundle_for(engine: ServingEngine, model: str, version: str | None) -> Bundle:
+    bundle = engine.bundle(model)  # raises NotFound naming the served models
+    if version is not None and version != bundle.manifest.version:
+        raise NotFound(f"model {model!r} has no version {version!r} (served: {bundle.manifest.version!r})")
+    return bundle
+
+
+v2 = APIRouter(prefix="/v2", tags=["v2"])
+
+
+@v2.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@v2.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    ok = _serving(request)
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@v2.get("")
+async def server_metadata() -> dict[str, Any]:
+    return codec.server_metadata()
+
+
+@v2.get("/models/{model}")
+@v2.get("/models/{model}/versions/{version}")
+async def model_metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
+    engine, _, _ = _state(request)
+    return codec.model_metadata(_bundle_for(engine, model, version).manifest)
+
+
+@v2.get("/models/{model}/ready")
+@v2.get("/models/{model}/versions/{version}/ready")
+async def model_ready(model: str, request: Request, version: str | None = None) -> JSONResponse:
+    engine, _, _ = _state(request)
+    bundle = _bundle_for(engine, model, version)
+    ok = _serving(request)
+    return JSONResponse({"name": bundle.name, "ready": ok}, status_code=200 if ok else 503)
+
+
+@v2.post("/models/{model}/infer")
+@v2.post("/models/{model}/versions/{version}/infer")
+async def infer(model: str, request: Request, version: str | None = None) -> Response:
+    engine, settings, metrics = _state(request)
+    started = time.perf_counter()
+    label = model if model in engine.model_names() else UNKNOWN_MODEL
+    try:
+        bundle = _bundle_for(engine, model, version)
+        body = await read_body(request, settings.max_request_bytes)
+        req = await _maybe_offloaded(
+            len(body), codec.decode_infer_request, body, request.headers.get(codec.INFER_HEADER),
+            bundle.manifest.input, max_samples=settings.max_samples_per_request,
+        )
+        result = await engine.infer(model, req.x, early_exit=req.early_exit)
+        content, headers = await _maybe_offloaded(
+            len(req.x) * bundle.manifest.num_classes * JSON_BYTES_PER_FLOAT,
+            codec.encode_infer_response, bundle.manifest, req, result,
+        )
+    except OfframpError as err:
+        metrics.request_done(label, _outcome(err.status_code))
+        raise
+    except Exception as err:  # a bug, not the client's fault: log it, answer 500 in the usual format
+        log.exception("infer on model %r failed", model)
+        metrics.request_done(label, "error")
+        raise OfframpError(f"internal error: {type(err).__name__}") from err
+    metrics.request_done(label, "ok", time.perf_counter() - started)
+    return Response(content, headers=headers)

@@ -1,0 +1,49 @@
+"""The engine's interface, as the HTTP routes, the admin API and replica sync see it.
+
+`server.engine.engine.Engine` implements it; the tests' fakes (tests/fakes.py) do too. It lives down here,
+beside the base modules, so that `http/` and `control/` depend on the interface, not on the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from server.bundle import Bundle
+from server.policy import ExitPolicy
+
+
+@dataclass(frozen=True)
+class InferResult:
+    """The answer to one request, one row per sample."""
+
+    labels: np.ndarray  # int64 [N]
+    probabilities: np.ndarray  # float32 [N, C]
+    exit_stage: np.ndarray  # int32 [N], 0-based stage index
+
+
+class ServingEngine(Protocol):
+    """Serve several bundles, each as a model named by its manifest, each with a live policy."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def model_names(self) -> list[str]: ...
+
+    def bundle(self, model: str) -> Bundle:
+        """The model's bundle; `NotFound` (404) naming the served models for any other name."""
+        ...
+
+    def policy(self, model: str) -> ExitPolicy: ...
+
+    def set_policy(self, model: str, policy: ExitPolicy) -> None:
+        """Swap the live policy; the caller has validated it (`ExitPolicy.checked`)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain: bool = True) -> None: ...
+
+    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True) -> InferResult: ...
