@@ -21,4 +21,5 @@ test: install
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check server model_export load_tests tests
+	$(VENV)/bin/ruff check offramp server model_export load_tests tests
+	$(VENV)/bin/mypy

@@ -224,7 +224,7 @@ class Calibration(BaseModel):
             arrays["gate"] = self.gate
         if self.similarity is not None:
             arrays["similarity"] = self.similarity
-        np.savez_compressed(path, **arrays)
+        np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
 
 class Bundle:

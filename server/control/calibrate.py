@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -348,7 +349,7 @@ def calibrate(
         raise ValueError(_unreachable(target, value, criterion, best))
 
     # A cut above every score an exit produced never fires: say so with null.
-    top = np.where(np.isfinite(search.sorted[:, 0]), search.sorted[:, 0], -np.inf) if search.k else []
+    top: Any = np.where(np.isfinite(search.sorted[:, 0]), search.sorted[:, 0], -np.inf) if search.k else []
     thresholds = [None if c > t else search.threshold(float(c)) for c, t in zip(best_cuts, top, strict=True)]
     global_thresholds = [search.threshold(global_cut)] * search.k
     return CalibrationResult(

@@ -73,7 +73,7 @@ def redacted_url(url: str) -> str:
     if parts.scheme == "unix":
         return f"unix://{parts.path}"
     try:
-        port = parts.port or 6379
+        port = str(parts.port or 6379)
     except ValueError:
         port = "?"
     return f"{parts.scheme}://{parts.hostname or 'localhost'}:{port}{parts.path or '/0'}"

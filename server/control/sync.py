@@ -100,8 +100,8 @@ class PolicySync:
                     next_poll = time.monotonic() + self.poll_interval_s
                 message = pubsub.get_message(timeout=0.25)
                 if message is not None and message.get("type") == "message":
-                    model = models.get(message["channel"])
-                    if model is not None:
-                        self.refresh(model)
+                    announced = models.get(message["channel"])
+                    if announced is not None:
+                        self.refresh(announced)
         finally:
             pubsub.close()

@@ -1,8 +1,7 @@
-"""The exported bundle: ONNX segments reproduce PyTorch, the loader refuses damaged bundles."""
+"""The exported bundle: ONNX segments reproduce PyTorch (the loader's checks: tests/server/test_bundle.py)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from model_export.export import (  # noqa: E402
 from model_export.heads import HEADS  # noqa: E402
 from model_export.vit import vit  # noqa: E402
 from server.bundle import load_bundle  # noqa: E402
-from server.errors import BundleError  # noqa: E402
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -80,51 +78,6 @@ def test_calibration_holds_every_exit_on_validation(tiny_bundle: Path) -> None:
     assert calib.logits.shape == (3, 270, 10) and calib.labels.shape == (270,)
     assert calib.similarity is not None and np.isnan(calib.similarity[0]).all()
     assert np.isfinite(calib.similarity[1:]).all()
-
-
-def test_tampered_stage_is_refused_naming_the_file(bundle_copy: Path) -> None:
-    path = bundle_copy / "stage_01.onnx"
-    data = bytearray(path.read_bytes())
-    data[-10] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"stage_01\.onnx: sha256 does not match") as err:
-        load_bundle(bundle_copy)
-    assert "stage_00" not in str(err.value) and "stage_02" not in str(err.value)
-
-
-def test_missing_stage_file_is_named(bundle_copy: Path) -> None:
-    (bundle_copy / "stage_02.onnx").unlink()
-    with pytest.raises(BundleError, match=r"stage_02\.onnx: file is missing"):
-        load_bundle(bundle_copy)
-
-
-def test_malformed_manifest_is_named(bundle_copy: Path) -> None:
-    manifest = bundle_copy / "manifest.json"
-    manifest.write_text(manifest.read_text()[:-20])
-    with pytest.raises(BundleError, match=r"manifest\.json: malformed JSON"):
-        load_bundle(bundle_copy)
-
-
-def test_manifest_with_wrong_schema_is_named(bundle_copy: Path) -> None:
-    manifest = bundle_copy / "manifest.json"
-    raw = json.loads(manifest.read_text())
-    raw["default_policy"]["thresholds"] = [0.5]
-    manifest.write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match=r"manifest\.json: malformed manifest.*thresholds"):
-        load_bundle(bundle_copy)
-
-
-def test_onnx_io_mismatch_is_named(bundle_copy: Path) -> None:
-    """stage_00's file in stage_01's place, hash updated: the inputs no longer match."""
-    from server.bundle import sha256_file
-
-    shutil.copy(bundle_copy / "stage_00.onnx", bundle_copy / "stage_01.onnx")
-    manifest = bundle_copy / "manifest.json"
-    raw = json.loads(manifest.read_text())
-    raw["stages"][1]["sha256"] = sha256_file(bundle_copy / "stage_01.onnx")
-    manifest.write_text(json.dumps(raw))
-    with pytest.raises(BundleError, match=r"stage_01\.onnx: inputs are \['pixels'\]"):
-        load_bundle(bundle_copy)
 
 
 def test_export_check_reports_every_mismatch(bundle_copy: Path) -> None:
