@@ -10,10 +10,12 @@ the process exits 0.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import signal
 import sys
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from pydantic import SecretStr, ValidationError
 
 from server import __version__
 from server.control.calibrate_cli import register as register_calibrate
-from server.errors import BundleError, validation_problems
+from server.errors import BundleError, StateError, validation_problems
 from server.settings import Settings
 
 log = logging.getLogger("offramp.cli")
@@ -115,19 +117,61 @@ def _signals_end_quietly() -> Iterator[None]:
 
 
 class _DrainingServer(uvicorn.Server):
+    """On the first SIGTERM/SIGINT: readiness turns 503 and requests on open connections get 503 with
+    `Connection: close` (server.http.middleware) for `drain_grace_s`; then uvicorn stops accepting and
+    finishes the requests in flight. A second signal skips the grace. `followers` (the admin
+    listener) stop with it."""
+
+    def __init__(self, config: uvicorn.Config, drain_grace_s: float, followers: list[uvicorn.Server]):
+        super().__init__(config)
+        self.drain_grace_s, self.followers = drain_grace_s, followers
+        self._grace: threading.Timer | None = None
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         app: Any = self.config.app
         app.state.draining = True  # readiness turns 503 as soon as the signal arrives
-        super().handle_exit(sig, frame)
+        if self._grace is None and self.drain_grace_s > 0:
+            self._grace = threading.Timer(self.drain_grace_s, self._stop, args=(sig,))
+            self._grace.daemon = True
+            self._grace.start()
+            return
+        self._stop(sig)
+
+    def _stop(self, sig: int) -> None:
+        super().handle_exit(sig, None)
+        for follower in self.followers:
+            follower.should_exit = True
+
+
+class _Follower(uvicorn.Server):
+    """A second listener in the same process: the main server handles the signals."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 DefaultBundle = Callable[[Settings], Path]
 
 
+def uvicorn_config(app: Any, settings: Settings, port: int, lifespan: str) -> uvicorn.Config:
+    """uvicorn as offramp runs it: the guarded h11 protocol (header deadline, connection cap) and the
+    keep-alive and shutdown timeouts from the settings."""
+    from server.http.connections import guarded_protocol
+
+    return uvicorn.Config(
+        app, host=settings.host, port=port, log_config=None, log_level=settings.log_level,
+        access_log=settings.log_level == "debug", lifespan=lifespan,
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+        timeout_keep_alive=max(1, math.ceil(settings.idle_timeout_s)),
+        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s + settings.body_timeout_s) + SHUTDOWN_GRACE_S,
+    )
+
+
 def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None) -> int:
     """Run the server on the configured bundles; with none configured, on `default_bundle(settings)`."""
     from server.bundle import load_bundle
-    from server.http.app import create_app
+    from server.http.app import create_admin_app, create_app
 
     try:
         settings = settings_from_args(args)
@@ -141,18 +185,26 @@ def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None)
         if not paths and default_bundle is not None:
             paths = [default_bundle(settings)]
         app = create_app(settings, bundles=[load_bundle(path) for path in paths])
-    except BundleError as err:
+    except (BundleError, StateError) as err:
         print(f"offramp serve: {err}", file=sys.stderr)
         return 2
 
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_config=None, log_level=settings.log_level,
-        access_log=settings.log_level == "debug", lifespan="on",
-        timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + SHUTDOWN_GRACE_S,
-    )
-    server = _DrainingServer(config)
+    followers: list[uvicorn.Server] = []
+    if settings.admin_port is not None:
+        followers.append(_Follower(uvicorn_config(create_admin_app(app), settings, settings.admin_port, "off")))
+    server = _DrainingServer(uvicorn_config(app, settings, settings.port, "on"), settings.drain_grace_s, followers)
+
+    async def run_all() -> None:
+        tasks = [asyncio.ensure_future(f.serve()) for f in followers]
+        try:
+            await server.serve()
+        finally:
+            for follower in followers:
+                follower.should_exit = True
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     with _signals_end_quietly():
-        server.run()
+        asyncio.run(run_all())
     if not server.started:
         log.error("the server did not start (see the errors above)")
         return 1

@@ -37,6 +37,15 @@ class NotFound(OfframpError):
     status_code = 404
 
 
+class BodyTimeout(OfframpError):
+    """The body did not arrive in time: the connection is closed after the answer."""
+
+    status_code = 408
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class PreconditionFailed(OfframpError):
     status_code = 412
 
@@ -64,6 +73,13 @@ class NotReady(OfframpError):
 
 class RequestTimeout(OfframpError):
     status_code = 504
+
+
+class StateError(OfframpError):
+    """The policy state directory cannot be used (a file where a directory belongs, no permission):
+    the message names the path and the fix. At start-up it stops the server in one line."""
+
+    status_code = 503
 
 
 class BundleError(ValueError):

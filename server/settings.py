@@ -14,6 +14,20 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 STORE_SCHEMES = ("redis", "rediss", "unix")
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "token", "admin", "password", "xxx"}
+MIN_TOKEN_LENGTH = 16
+MIN_TOKEN_CLASSES = 2  # of: lower case, upper case, digits, other characters
+
+
+def token_problem(token: str) -> str | None:
+    """Why `token` is too weak to guard the admin API (None when it is strong enough)."""
+    if token.strip().lower() in PLACEHOLDER_SECRETS:
+        return "admin_token is a placeholder; set a real secret or leave it unset"
+    classes = sum(any(test(c) for c in token) for test in (str.islower, str.isupper, str.isdigit,
+                                                            lambda c: not c.isalnum()))
+    if len(token) < MIN_TOKEN_LENGTH or classes < MIN_TOKEN_CLASSES or len(set(token)) < MIN_TOKEN_LENGTH // 2:
+        return (f"admin_token is too weak: use at least {MIN_TOKEN_LENGTH} characters of at least "
+                f"{MIN_TOKEN_CLASSES} kinds (letters, digits, symbols), e.g. `openssl rand -hex 32`")
+    return None
 
 
 class Settings(BaseSettings):
@@ -83,6 +97,30 @@ class Settings(BaseSettings):
     """Fraction of early-exited samples also run to full depth off the request path, to measure the
     live agreement of early answers with the full model."""
 
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A connection must deliver a request's headers within this time of opening (or of its first
+    byte after a keep-alive pause), else it is closed: slow or silent clients cannot hold sockets."""
+
+    body_timeout_s: float = Field(30.0, gt=0)
+    """A request's whole body must arrive within this time; else 408 and the connection closes (also
+    when Content-Length promises more than is sent)."""
+
+    idle_timeout_s: float = Field(5.0, gt=0)
+    """A keep-alive connection with no new request for this long is closed."""
+
+    max_connections: int = Field(1000, ge=1)
+    """Open connections (and requests in progress) accepted at once; a request beyond gets 503 and
+    its connection is closed. Keep it below the process's open-file limit."""
+
+    drain_grace_s: float = Field(1.0, ge=0)
+    """On SIGTERM, for this long the server still accepts requests on open connections but answers
+    503 with `Connection: close` (readiness is already 503), so that keep-alive clients move on
+    cleanly; then it stops accepting and finishes the requests in flight."""
+
+    admin_port: int | None = Field(None, ge=0, le=65535)
+    """Serve the admin API on its own listener (same host) on this port, and not on the inference
+    port. Unset: on the inference port."""
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server and uvicorn."""
 
@@ -96,8 +134,9 @@ class Settings(BaseSettings):
     @field_validator("admin_token", mode="after")
     @classmethod
     def _refuse_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS:
-            raise ValueError("admin_token is a placeholder; set a real secret or leave it unset")
+        problem = None if value is None else token_problem(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("store_url", mode="after")

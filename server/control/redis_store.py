@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("offramp.store.redis")
 
 STORE_NAME = "redis"  # the `store` label of offramp_policy_store_up
-SOURCE_SEED = "replica-seed (the store had no policy)"
 CAS_ATTEMPTS = 20
 
 # KEYS: current, history. ARGV: the version the new record is based on, the record (JSON),

@@ -27,7 +27,7 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from server.bundle import Manifest
-from server.errors import BundleError, PreconditionFailed, first_line
+from server.errors import BundleError, PreconditionFailed, StateError, first_line
 from server.files import atomic_write, fsync_dir
 from server.policy import ExitPolicy
 
@@ -40,6 +40,7 @@ SOURCE_DEFAULT = "bundle-default"
 SOURCE_STARTUP = "startup"
 SOURCE_PUT = "admin:PUT"
 SOURCE_CALIBRATE = "admin:calibrate"
+SOURCE_SEED = "replica-seed (the store had no policy)"
 
 # A stored version as JSON: the fields of ExitPolicy (criterion, thresholds, version, updated_at, source).
 POLICY_JSON: TypeAdapter[ExitPolicy] = TypeAdapter(ExitPolicy)
@@ -89,7 +90,8 @@ class FilePolicyStore:
     def __init__(self, state_dir: str | Path):
         self.state_dir = Path(state_dir)
         if self.state_dir.exists() and not self.state_dir.is_dir():
-            raise ValueError(f"state_dir {self.state_dir} exists and is not a directory")
+            raise StateError(f"state_dir {self.state_dir} is a file, not a directory: point OFFRAMP_STATE_DIR "
+                             "(--state-dir) at a directory, or move the file away")
         self._lock = threading.Lock()
 
     def startup_policy(self, manifest: Manifest) -> ExitPolicy:
@@ -141,8 +143,16 @@ class FilePolicyStore:
     def _locked(self, model: str) -> Iterator[None]:
         """Serialise access to one model's file: threads by the lock, processes by flock."""
         path = self.path(model)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with self._lock, open(path.with_name(path.name + ".lock"), "a") as lock_file:
+        if path.is_dir():
+            raise StateError(f"{path} is a directory where the policy file of {model} belongs: remove it, "
+                             "or point OFFRAMP_STATE_DIR (--state-dir) elsewhere")
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            lock_file = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise StateError(f"cannot use the state directory {self.state_dir} ({err.strerror}): make it "
+                             "writable by this user, or point OFFRAMP_STATE_DIR (--state-dir) elsewhere") from None
+        with self._lock, lock_file:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -181,6 +191,14 @@ def stale(model: str, current: int, expected: int) -> PreconditionFailed:
     """The 412 of a compare-and-set that lost: someone else changed the policy first."""
     return PreconditionFailed(
         f"policy of {model} is at version {current}, not {expected}: read it again and retry")
+
+
+def stored_or_seeded(store: PolicyStore, model: str, running: ExitPolicy) -> ExitPolicy:
+    """The stored policy of `model`. The one seeding rule: a store that has none (first use, or a
+    Redis that restarted empty) is seeded with the policy this replica is *running*, never with the
+    bundle default, whichever call comes first (admin read, change, calibration, replica sync), so
+    that an emptied store never resets the fleet. (At start-up the running policy is the default.)"""
+    return store.load(model, running, source=SOURCE_SEED)
 
 
 def startup_policy(store: PolicyStore, manifest: Manifest) -> ExitPolicy:

@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 
-from server.control.redis_store import SOURCE_SEED, RedisPolicyStore, StoreUnavailable
+from server.control.redis_store import RedisPolicyStore, StoreUnavailable
+from server.control.store import stored_or_seeded
 from server.interface import ServingEngine
 
 log = logging.getLogger("offramp.store.sync")
@@ -54,7 +55,7 @@ class PolicySync:
         (an empty store is seeded with this replica's policy rather than the bundle default).
         """
         live = self.engine.policy(model)
-        record = self.store.load(model, live, source=SOURCE_SEED)
+        record = stored_or_seeded(self.store, model, live)
         if record == live:  # same version, criterion and thresholds
             return False
         problems = record.problems_for(self.engine.bundle(model).manifest)

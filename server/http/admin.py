@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
@@ -60,7 +61,13 @@ def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
         if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
             raise Unauthorized("invalid bearer token")
 
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authorize)])
+    # HTTPBearer only documents the scheme in /openapi.json; `authorize` checks it, with our errors.
+    bearer = HTTPBearer(auto_error=False, description="OFFRAMP_ADMIN_TOKEN; the admin API is off (403) without one")
+    errors: dict[int | str, dict[str, Any]] = {status: {"description": what} for status, what in (
+        (401, "missing or wrong bearer token"), (403, "admin API disabled (no token configured)"),
+        (404, "unknown model"), (503, "policy store unreachable"))}
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(bearer), Depends(authorize)],
+                       responses=errors)
 
     def described(model: str, record: ExitPolicy) -> JSONResponse:
         return JSONResponse(control.describe(model, record), headers={"ETag": f'"{record.version}"'})
@@ -69,16 +76,22 @@ def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
     async def get_policy(model: str) -> JSONResponse:
         return described(model, await run_in_threadpool(control.current, model))
 
-    @router.put("/models/{model}/exit-policy")
+    changes: dict[int | str, dict[str, Any]] = {status: {"description": what} for status, what in (
+        (400, "malformed JSON"), (408, "body too slow"), (412, "If-Match names another version"),
+        (413, "body over 64 KiB"), (422, "invalid policy or target"))}
+
+    @router.put("/models/{model}/exit-policy", responses=changes,
+                openapi_extra={"requestBody": _schema_body(PolicyBody)})
     async def put_policy(model: str, request: Request) -> JSONResponse:
-        body = parse_model(PolicyBody, parse_json(await read_body(request, MAX_ADMIN_BODY)))
+        body = parse_model(PolicyBody, parse_json(await read_body(request, MAX_ADMIN_BODY, settings.body_timeout_s)))
         expected = _if_match(request)
         record = await run_in_threadpool(control.put, model, body.criterion, body.thresholds, expected)
         return described(model, record)
 
-    @router.post("/models/{model}/calibrate")
+    @router.post("/models/{model}/calibrate", responses=changes,
+                 openapi_extra={"requestBody": _schema_body(CalibrateBody)})
     async def calibrate_policy(model: str, request: Request) -> JSONResponse:
-        body = parse_model(CalibrateBody, parse_json(await read_body(request, MAX_ADMIN_BODY)))
+        body = parse_model(CalibrateBody, parse_json(await read_body(request, MAX_ADMIN_BODY, settings.body_timeout_s)))
         targets = {k: float(getattr(body, k)) for k in TARGETS if getattr(body, k) is not None}
         out = await run_in_threadpool(control.calibrate, model, targets, body.criterion, body.dry_run,
                                       _if_match(request) if len(targets) == 1 else None)
@@ -90,6 +103,11 @@ def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
         return {"model": model, "history": [r.to_dict() for r in records]}
 
     return router
+
+
+def _schema_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that reads its body itself (bounded, see bodies.py)."""
+    return {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}
 
 
 def _if_match(request: Request) -> int | None:

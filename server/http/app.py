@@ -8,9 +8,11 @@ configured (the demo) is the front door's business (`offramp.cli`), not the serv
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -24,6 +26,8 @@ from server.control.stores import build_store, build_sync
 from server.errors import BundleError
 from server.http.admin import build_admin_router
 from server.http.bodies import install_error_handlers
+from server.http.connections import quiet_accept_errors
+from server.http.middleware import ServingMiddleware, route_methods
 from server.http.v2 import v2
 from server.interface import ServingEngine
 from server.metrics import Metrics
@@ -39,6 +43,7 @@ async def metrics_endpoint(request: Request) -> Response:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine: ServingEngine = app.state.engine
+    quiet_accept_errors(asyncio.get_running_loop())
     await engine.start()
     log.info("serving models %s", engine.model_names())
     sync = app.state.policy_sync
@@ -73,15 +78,61 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
         policies = {b.name: store.startup_policy(b.manifest) for b in bundles}
         engine = Engine(bundles, settings, metrics, policies)
 
-    app = FastAPI(title="offramp", version=__version__, lifespan=_lifespan)
+    control = PolicyControl(engine, store)
+    app = _app("offramp", lifespan=_lifespan)
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.control = control
     app.state.draining = False  # set on SIGTERM (server.cli) so /v2/health/ready turns 503 at once
     app.state.policy_sync = build_sync(store, engine)  # several replicas, one store
 
     app.include_router(v2)
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
-    app.include_router(build_admin_router(PolicyControl(engine, store), settings))
-    install_error_handlers(app)
+    routes = list(v2.routes)
+    if settings.admin_port is None:  # else create_admin_app serves it on its own listener
+        admin = build_admin_router(control, settings)
+        app.include_router(admin)
+        routes += admin.routes
+    _finish(app, routes, lambda: bool(app.state.draining))
     return app
+
+
+def create_admin_app(app: FastAPI) -> FastAPI:
+    """The admin API of `app` (`settings.admin_port`) as an app of its own, over the same engine and
+    store; it has no lifespan: `app`'s starts and stops the engine."""
+    admin_app = _app("offramp admin")
+    admin_app.state.draining = False
+    router = build_admin_router(app.state.control, app.state.settings)
+    admin_app.include_router(router)
+    _finish(admin_app, router.routes, lambda: bool(app.state.draining))
+    return admin_app
+
+
+def _app(title: str, **kwargs: Any) -> FastAPI:
+    # No /docs or /redoc: their pages load scripts from a public CDN. /openapi.json describes the routes.
+    return FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None, **kwargs)
+
+
+def _finish(app: FastAPI, routes: list[Any], draining: Any) -> None:
+    """Error format, the serving middleware, and an OpenAPI document true to the routes."""
+    install_error_handlers(app)
+    app.add_middleware(ServingMiddleware, draining=draining, methods=route_methods(routes))
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            # Our routes read their own bodies and parameters: FastAPI's generic 422 never happens
+            # (admin changes document their own 422).
+            for operations in schema.get("paths", {}).values():
+                for op in operations.values():
+                    responses = op.get("responses", {})
+                    if responses.get("422", {}).get("description") == "Validation Error":
+                        del responses["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

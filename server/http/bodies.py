@@ -7,7 +7,7 @@ Shared by the V2 routes and the admin routes. Every problem a client can cause i
 
 from __future__ import annotations
 
-import json
+import asyncio
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -16,36 +16,47 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from server.errors import BadRequest, OfframpError, PayloadTooLarge, Unprocessable, validation_problems
+from server import jsonio
+from server.errors import BadRequest, BodyTimeout, OfframpError, PayloadTooLarge, Unprocessable, validation_problems
 
 M = TypeVar("M", bound=BaseModel)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing more than `limit` bytes: by Content-Length up front, by counting when chunked."""
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body, refusing more than `limit` bytes (by Content-Length up front, by counting while it
+    arrives: nothing past the limit is buffered) and a body that takes longer than `timeout_s` (408,
+    also when Content-Length promises more than is sent)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise BadRequest(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
     chunks: list[bytes] = []
-    received = 0
-    try:
+
+    async def collect() -> None:
+        received = 0
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout_s)
     except ClientDisconnect:
         raise BadRequest("client disconnected before sending the whole body") from None
+    except asyncio.TimeoutError:
+        received = sum(map(len, chunks))
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s "
+                          f"({received} bytes received)") from None
     return b"".join(chunks)
 
 
 def parse_json(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadRequest(f"request body is not valid JSON: {err}") from err
+        return jsonio.loads(raw)
+    except jsonio.JSONError as err:  # also numbers out of range and nesting past 1024 levels
+        raise BadRequest(f"request body is not valid JSON: {err}") from None
 
 
 def parse_model(model: type[M], data: Any) -> M:

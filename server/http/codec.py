@@ -16,14 +16,13 @@ Decoding goes straight to numpy (`np.frombuffer` for binary data) so that large 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from server import __version__
+from server import __version__, jsonio
 from server.bundle import NUMPY_DTYPES, InputSpec, Manifest
 from server.errors import BadRequest
 from server.interface import InferResult
@@ -103,11 +102,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        doc = jsonio.loads(raw)
+    except jsonio.JSONError as err:  # also numbers out of range and nesting past 1024 levels
         raise BadRequest(f"malformed JSON: {err}") from None
-    except RecursionError:
-        raise BadRequest("malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -297,13 +294,13 @@ def encode_infer_response(
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = arr.ravel().tolist()
+            entry["data"] = arr.ravel()  # written by orjson without per-element Python
         outputs.append(entry)
     doc: dict[str, Any] = {"model_name": manifest.name, "model_version": manifest.version}
     if request.id is not None:
         doc["id"] = request.id
     doc["outputs"] = outputs
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = jsonio.dumps(doc)
     if not blobs:
         return header, {"content-type": JSON_CONTENT_TYPE}
     return b"".join([header, *blobs]), {"content-type": BINARY_CONTENT_TYPE, INFER_HEADER: str(len(header))}
@@ -343,7 +340,7 @@ def encode_request(
         doc["parameters"] = params
     if outputs is not None:
         doc["outputs"] = [{"name": n, "parameters": {"binary_data": b}} for n, b in outputs.items()]
-    header = json.dumps(doc).encode()
+    header = jsonio.dumps(doc)
     if not binary:
         return header, {"content-type": JSON_CONTENT_TYPE}
     return header + blob, {"content-type": BINARY_CONTENT_TYPE, INFER_HEADER: str(len(header))}
@@ -353,7 +350,7 @@ def decode_response(body: bytes, headers: Any) -> tuple[dict[str, Any], dict[str
     """Parse an infer response (JSON or binary) into its JSON document and one array per output."""
     header_length = headers.get(INFER_HEADER) or headers.get(INFER_HEADER.lower())
     raw, tail = split_body(body, header_length)
-    doc = json.loads(raw)
+    doc = jsonio.loads(raw)
     arrays: dict[str, np.ndarray] = {}
     offset = 0
     for out in doc.get("outputs", []):

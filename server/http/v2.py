@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from server.bundle import Bundle
@@ -57,14 +58,34 @@ def _serving(request: Request) -> bool:
     return request.app.state.engine.ready and not request.app.state.draining
 
 
-def _bundle_for(engine: ServingEngine, model: str, version: str | None) -> Bundle:
+def _bundle_for(engine: ServingEngine, model: str, request: Request) -> Bundle:
+    """The model's bundle; the version, when the path names one (`/versions/{version}`), must match.
+    (Read from the path only: a `version` query parameter is not part of the protocol.)"""
+    version = request.path_params.get("version")
     bundle = engine.bundle(model)  # raises NotFound naming the served models
     if version is not None and version != bundle.manifest.version:
         raise NotFound(f"model {model!r} has no version {version!r} (served: {bundle.manifest.version!r})")
     return bundle
 
 
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    what = {400: "malformed request", 404: "unknown model or version", 408: "body too slow",
+            413: "body too large", 503: "not ready, shutting down or overloaded (Retry-After)",
+            504: "not answered within request_timeout_s"}
+    return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
+
+
 v2 = APIRouter(prefix="/v2", tags=["v2"])
+VERSIONED = _errors(404)
+INFER_ERRORS = _errors(400, 404, 408, 413, 503, 504)
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "description": "V2 inference request"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": "binary tensor data extension"}}}}}
 
 
 @v2.get("/health/live")
@@ -72,7 +93,7 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
-@v2.get("/health/ready")
+@v2.get("/health/ready", responses=_errors(503))
 async def ready(request: Request) -> JSONResponse:
     ok = _serving(request)
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
@@ -83,31 +104,43 @@ async def server_metadata() -> dict[str, Any]:
     return codec.server_metadata()
 
 
-@v2.get("/models/{model}")
-@v2.get("/models/{model}/versions/{version}")
-async def model_metadata(model: str, request: Request, version: str | None = None) -> dict[str, Any]:
+@v2.get("/models/{model}", responses=VERSIONED)
+async def model_metadata(model: str, request: Request) -> dict[str, Any]:
     engine, _, _ = _state(request)
-    return codec.model_metadata(_bundle_for(engine, model, version).manifest)
+    return codec.model_metadata(_bundle_for(engine, model, request).manifest)
 
 
-@v2.get("/models/{model}/ready")
-@v2.get("/models/{model}/versions/{version}/ready")
-async def model_ready(model: str, request: Request, version: str | None = None) -> JSONResponse:
+@v2.get("/models/{model}/versions/{version}", responses=VERSIONED)
+async def model_version_metadata(model: str, version: str, request: Request) -> dict[str, Any]:
+    return await model_metadata(model, request)
+
+
+@v2.get("/models/{model}/versions/{version}/ready", responses=_errors(404, 503))
+async def model_version_ready(model: str, version: str, request: Request) -> JSONResponse:
+    return await model_ready(model, request)
+
+
+@v2.post("/models/{model}/versions/{version}/infer", responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+async def infer_version(model: str, version: str, request: Request) -> Response:
+    return await infer(model, request)
+
+
+@v2.get("/models/{model}/ready", responses=_errors(404, 503))
+async def model_ready(model: str, request: Request) -> JSONResponse:
     engine, _, _ = _state(request)
-    bundle = _bundle_for(engine, model, version)
+    bundle = _bundle_for(engine, model, request)
     ok = _serving(request)
     return JSONResponse({"name": bundle.name, "ready": ok}, status_code=200 if ok else 503)
 
 
-@v2.post("/models/{model}/infer")
-@v2.post("/models/{model}/versions/{version}/infer")
-async def infer(model: str, request: Request, version: str | None = None) -> Response:
+@v2.post("/models/{model}/infer", responses=INFER_ERRORS, openapi_extra=INFER_BODY)
+async def infer(model: str, request: Request) -> Response:
     engine, settings, metrics = _state(request)
     started = time.perf_counter()
     label = model if model in engine.model_names() else UNKNOWN_MODEL
     try:
-        bundle = _bundle_for(engine, model, version)
-        body = await read_body(request, settings.max_request_bytes)
+        bundle = _bundle_for(engine, model, request)
+        body = await read_body(request, settings.max_request_bytes, settings.body_timeout_s)
         req = await _maybe_offloaded(
             len(body), codec.decode_infer_request, body, request.headers.get(codec.INFER_HEADER),
             bundle.manifest.input, max_samples=settings.max_samples_per_request,

