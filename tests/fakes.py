@@ -252,6 +252,7 @@ class ServerProcess:
                 break
             time.sleep(0.05)
         else:
+            self.stop()
             raise RuntimeError("server never became ready:\n" + self.log)
 
     def _read(self) -> None:

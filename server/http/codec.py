@@ -152,8 +152,9 @@ def _from_json(data: Any, spec: InputSpec, shape: tuple[int, ...], dtype: np.dty
         arr = np.asarray(data)
     except ValueError as err:  # ragged nesting
         raise BadRequest(f"input {spec.name!r}: data is not a regular array ({err})") from None
-    # Check the kind before casting: numpy would silently turn strings into floats, floats into ints.
-    allowed = "biuf" if dtype.kind == "f" else ("biu" if dtype.kind in "iu" else "b")
+    # Check the kind before casting: numpy would silently turn strings into floats, floats into ints,
+    # booleans into numbers. (A list mixing booleans with numbers is read as numbers.)
+    allowed = "iuf" if dtype.kind == "f" else ("iu" if dtype.kind in "iu" else "b")
     if arr.size and arr.dtype.kind not in allowed:
         raise BadRequest(
             f"input {spec.name!r}: data holds values of numpy kind {arr.dtype.kind!r}, "
@@ -259,7 +260,7 @@ def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[Reques
     out: list[RequestedOutput] = []
     for item in requested:
         name = item.get("name")
-        if name not in OUTPUTS:
+        if not isinstance(name, str) or name not in OUTPUTS:
             raise BadRequest(f"unknown output {name!r}; this model has {list(OUTPUTS)}")
         if any(o.name == name for o in out):
             raise BadRequest(f"output {name!r} requested twice")
