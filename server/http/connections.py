@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -32,6 +33,24 @@ log = logging.getLogger("offramp.connections")
 
 ACCEPT_ERROR = "socket.accept() out of system resource"
 ACCEPT_LOG_EVERY_S = 60.0
+
+
+class _OncePerWhile:
+    """Calls its log function at most once per `every_s`, telling it how many calls it skipped."""
+
+    def __init__(self, every_s: float):
+        self.every_s, self.last, self.skipped = every_s, -every_s, 0
+
+    def note(self, emit: Callable[[int], None]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.skipped += 1
+            return
+        emit(self.skipped)
+        self.last, self.skipped = now, 0
+
+
+_REFUSALS = _OncePerWhile(ACCEPT_LOG_EVERY_S)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -82,7 +101,9 @@ class GuardedH11Protocol(H11Protocol):
                 f"connection: close\r\ncontent-length: {len(body)}\r\n\r\n")
         transport.write(head.encode() + body.encode())
         transport.close()
-        log.warning("refused a connection: %d open, limit %d", len(self.connections), self.max_connections)
+        _REFUSALS.note(lambda skipped: log.warning(
+            "refusing connections: %d open, limit %d (max_connections); %d more refusals in the last %.0f s "
+            "were not logged", len(self.connections), self.max_connections, skipped, ACCEPT_LOG_EVERY_S))
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
@@ -94,7 +115,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[Guar
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
     """Log asyncio's accept failures (out of file descriptors) once per outage instead of per attempt."""
     previous = loop.get_exception_handler()
-    state = {"last": -ACCEPT_LOG_EVERY_S, "suppressed": 0}
+    once = _OncePerWhile(ACCEPT_LOG_EVERY_S)
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         if not str(context.get("message", "")).startswith(ACCEPT_ERROR):
@@ -103,14 +124,9 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
             else:
                 loop.default_exception_handler(context)
             return
-        now = time.monotonic()
-        if now - state["last"] < ACCEPT_LOG_EVERY_S:
-            state["suppressed"] += 1
-            return
         err = context.get("exception")
-        log.error("cannot accept connections: %s (%s); %d more such failures in the last %.0f s were "
-                  "not logged; lower max_connections or raise the open-file limit", ACCEPT_ERROR, err,
-                  state["suppressed"], ACCEPT_LOG_EVERY_S)
-        state["last"], state["suppressed"] = now, 0
+        once.note(lambda skipped: log.error(
+            "cannot accept connections: %s (%s); %d more such failures in the last %.0f s were not logged; "
+            "lower max_connections or raise the open-file limit", ACCEPT_ERROR, err, skipped, ACCEPT_LOG_EVERY_S))
 
     loop.set_exception_handler(handler)
