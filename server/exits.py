@@ -131,31 +131,37 @@ class ExitState:
 
 def advance(
     criterion: str,
-    logits: np.ndarray,
+    logits: np.ndarray | None,
     state: ExitState,
     gate: np.ndarray | None = None,
     similarity: np.ndarray | None = None,
     probs: np.ndarray | None = None,
     stage: int | None = None,
+    labels: np.ndarray | None = None,
+    max_prob: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ExitState]:
     """Scores of one stage for every sample, the predicted labels, and the updated state.
 
     The state is updated whether or not this exit is enabled (patience counts every exit).
-    `probs`, when the caller already has `softmax(logits)`, spares computing it again. Before the
-    criterion's `first_stage` (given `stage`) the output it reads does not exist: nobody exits there.
+    `probs` (`softmax(logits)`), `labels` (their argmax) and `max_prob` (their max), when the caller
+    already has them (computed in the stage graph, server.engine.runtime.with_exit_scores), spare
+    computing them again; then `logits` may be None. Before the criterion's `first_stage` (given
+    `stage`) the output it reads does not exist: nobody exits there.
     """
     info = lookup(criterion)
     if info.reads is not None and {GATE: gate, SIMILARITY: similarity}[info.reads] is None:
         if stage is None or stage >= info.first_stage:
             raise ValueError(f"criterion {criterion!r} needs a stage output {info.reads!r}")
-        similarity = np.full(len(logits), np.nan, np.float32)  # only similarity starts after stage 0
-    probs = softmax(logits) if probs is None else probs
-    labels = probs.argmax(axis=-1).astype(np.int64)
+        similarity = np.full(len(state), np.nan, np.float32)  # only similarity starts after stage 0
+    if probs is None:
+        assert logits is not None, "advance needs the logits or their softmax"
+        probs = softmax(logits)
+    labels = probs.argmax(axis=-1).astype(np.int64) if labels is None else labels.astype(np.int64, copy=False)
     same = labels == state.prev_label
     run = np.where(same, state.run + 1, 1).astype(np.int32)
     survive = state.survive
     if criterion == "max_prob":
-        score = probs.max(axis=-1)
+        score = probs.max(axis=-1) if max_prob is None else max_prob
     elif criterion == "margin":
         top2 = np.partition(probs, -2, axis=-1)[:, -2:] if probs.shape[-1] > 1 else np.concatenate(
             [np.zeros_like(probs), probs], axis=-1)
@@ -188,15 +194,17 @@ def score_threshold(criterion: str, threshold: float) -> float:
 def decide(
     criterion: str,
     threshold: float | None,
-    logits: np.ndarray,
+    logits: np.ndarray | None,
     state: ExitState,
     gate: np.ndarray | None = None,
     similarity: np.ndarray | None = None,
     probs: np.ndarray | None = None,
     stage: int | None = None,
+    labels: np.ndarray | None = None,
+    max_prob: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, ExitState]:
     """Exit mask (bool [N]) of one early exit, the predicted labels, and the updated state."""
-    score, labels, new_state = advance(criterion, logits, state, gate, similarity, probs, stage)
+    score, labels, new_state = advance(criterion, logits, state, gate, similarity, probs, stage, labels, max_prob)
     if threshold is None:
         return np.zeros(len(score), dtype=bool), labels, new_state
     return score >= score_threshold(criterion, threshold), labels, new_state

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("offramp.metrics")
 
@@ -32,6 +36,101 @@ def _never_raises(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _Histogram:
+    """Bucket counts, sum and count of one label set (the buckets end with +Inf)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+        return out
+
+
+class StageTally(Collector):
+    """What the engine records after every stage run, kept in plain Python under one lock and turned
+    into Prometheus families only when /metrics is scraped: recording costs a few hundred
+    nanoseconds instead of the microseconds of prometheus_client's per-sample bookkeeping.
+
+    Exposes offramp_stage_latency_seconds and offramp_batch_size (histograms per model and stage),
+    offramp_exit_stage_total (per model and stage), offramp_samples_total, offramp_executed_flops_total,
+    offramp_full_depth_flops_total and offramp_compute_fraction (per model)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latency: dict[tuple[str, str], _Histogram] = {}
+        self._batch: dict[tuple[str, str], _Histogram] = {}
+        self._exits: dict[tuple[str, str], int] = {}
+        self._flops: dict[str, list[float]] = {}  # model -> [samples, executed, full depth]
+
+    def stage_run(self, model: str, stage: int, batch: int, seconds: float) -> None:
+        key = (model, str(stage))
+        with self._lock:
+            latency = self._latency.get(key)
+            if latency is None:
+                latency = self._latency[key] = _Histogram(LATENCY_BUCKETS)
+                self._batch[key] = _Histogram(BATCH_BUCKETS)
+            latency.observe(seconds)
+            self._batch[key].observe(batch)
+
+    def exited(self, model: str, stage: int, count: int, executed: float, full: float) -> None:
+        if count <= 0:
+            return
+        key = (model, str(stage))
+        with self._lock:
+            self._exits[key] = self._exits.get(key, 0) + count
+            totals = self._flops.setdefault(model, [0, 0.0, 0.0])
+            totals[0] += count
+            totals[1] += executed
+            totals[2] += full
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            latency = {k: (h.buckets(), h.sum) for k, h in self._latency.items()}
+            batch = {k: (h.buckets(), h.sum) for k, h in self._batch.items()}
+            exits, flops = dict(self._exits), {m: list(t) for m, t in self._flops.items()}
+        for name, doc, table in (
+            ("offramp_stage_latency_seconds", "Compute time of one stage run on one batch.", latency),
+            ("offramp_batch_size", "Samples per stage run.", batch),
+        ):
+            family = HistogramMetricFamily(name, doc, labels=["model", "stage"])
+            for key, (buckets, total) in table.items():
+                family.add_metric(list(key), buckets, total)
+            yield family
+        family = CounterMetricFamily("offramp_exit_stage", "Samples answered at each stage (0-based).",
+                                     labels=["model", "stage"])
+        for key, count in exits.items():
+            family.add_metric(list(key), count)
+        yield family
+        per_model = (
+            ("offramp_samples", "Samples answered.", 0),
+            ("offramp_executed_flops", "FLOPs executed by answered samples.", 1),
+            ("offramp_full_depth_flops", "FLOPs the answered samples would have cost at full depth.", 2),
+        )
+        for name, doc, i in per_model:
+            family = CounterMetricFamily(name, doc, labels=["model"])
+            for model, totals in flops.items():
+                family.add_metric([model], totals[i])
+            yield family
+        gauge = GaugeMetricFamily("offramp_compute_fraction",
+                                  "Executed FLOPs over full-depth FLOPs, cumulative since start (1.0 means no saving).",
+                                  labels=["model"])
+        for model, totals in flops.items():
+            if totals[2] > 0:
+                gauge.add_metric([model], totals[1] / totals[2])
+        yield gauge
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -45,32 +144,11 @@ class Metrics:
             "offramp_request_latency_seconds", "End-to-end latency of successful inference requests.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.samples = Counter("offramp_samples", "Samples answered.", ["model"], registry=r)
-        self.exit_stage = Counter(
-            "offramp_exit_stage", "Samples answered at each stage (0-based).", ["model", "stage"], registry=r,
-        )
-        self.stage_latency = Histogram(
-            "offramp_stage_latency_seconds", "Compute time of one stage run on one batch.",
-            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.batch_size = Histogram(
-            "offramp_batch_size", "Samples per stage run.", ["model", "stage"], buckets=BATCH_BUCKETS, registry=r,
-        )
         self.queue_depth = Gauge(
             "offramp_queue_depth", "Samples waiting for each stage.", ["model", "stage"], registry=r,
         )
-        self.executed_flops = Counter(
-            "offramp_executed_flops", "FLOPs executed by answered samples.", ["model"], registry=r,
-        )
-        self.full_depth_flops = Counter(
-            "offramp_full_depth_flops", "FLOPs the answered samples would have cost at full depth.", ["model"],
-            registry=r,
-        )
-        self.compute_fraction = Gauge(
-            "offramp_compute_fraction",
-            "Executed FLOPs over full-depth FLOPs, cumulative since start (1.0 means no saving).",
-            ["model"], registry=r,
-        )
+        self.stages = StageTally()  # the per-stage figures the worker records: collected on scrape
+        r.register(self.stages)
         self.exit_threshold = Gauge(
             "offramp_exit_threshold", "Live exit threshold per early exit (NaN: exit disabled).",
             ["model", "stage"], registry=r,
@@ -113,21 +191,11 @@ class Metrics:
 
     @_never_raises
     def stage_run(self, model: str, stage: int, batch: int, seconds: float) -> None:
-        self._child(self.stage_latency, model, str(stage)).observe(seconds)
-        self._child(self.batch_size, model, str(stage)).observe(batch)
+        self.stages.stage_run(model, stage, batch, seconds)
 
     @_never_raises
     def samples_exited(self, model: str, stage: int, count: int, executed_flops: float, full_flops: float) -> None:
-        if count <= 0:
-            return
-        executed = self._child(self.executed_flops, model)
-        full = self._child(self.full_depth_flops, model)
-        self._child(self.samples, model).inc(count)
-        self._child(self.exit_stage, model, str(stage)).inc(count)
-        executed.inc(executed_flops)
-        full.inc(full_flops)
-        if full._value.get() > 0:
-            self._child(self.compute_fraction, model).set(executed._value.get() / full._value.get())
+        self.stages.exited(model, stage, count, executed_flops, full_flops)
 
     @_never_raises
     def queue(self, model: str, stage: int, depth: int) -> None:

@@ -30,6 +30,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY, Bundle
+from server.exits import softmax
 from server.settings import Settings
 
 log = logging.getLogger("offramp.runtime")
@@ -47,12 +48,28 @@ class DeviceError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageOutputs:
-    """What one stage run gives back; `hidden` is None for the last stage (nobody reads it)."""
+    """What one stage run gives back; `hidden` is None for the last stage (nobody reads it).
+
+    Runners that compute the exit scores in the graph (`with_exit_scores`) also give `probs`,
+    `labels` and `max_prob`; without them the host computes what it needs from the logits.
+    """
 
     hidden: Any
-    logits: np.ndarray  # float32 [N, C]
+    logits: np.ndarray | None  # float32 [N, C]
     gate: np.ndarray | None = None  # float32 [N]
     similarity: np.ndarray | None = None  # float32 [N]
+    probs: np.ndarray | None = None  # float32 [N, C], softmax of the logits
+    labels: np.ndarray | None = None  # int64 [N], argmax of the logits
+    max_prob: np.ndarray | None = None  # float32 [N], the max_prob criterion's score
+
+    def probabilities(self) -> np.ndarray:
+        if self.probs is not None:
+            return self.probs
+        assert self.logits is not None, "a stage gives its logits or their softmax"
+        return softmax(self.logits)
+
+    def predicted(self) -> np.ndarray:
+        return self.labels if self.labels is not None else self.probabilities().argmax(axis=-1)
 
 
 class StageRunner(Protocol):
@@ -149,6 +166,45 @@ def concat_model(count: int, elem_type: int, rank: int) -> onnx.ModelProto:
                              ir_version=HELPER_IR_VERSION, producer_name="offramp")
 
 
+PROBS, LABEL, MAX_PROB = "offramp_probs", "offramp_label", "offramp_max_prob"
+SCORES = (PROBS, LABEL, MAX_PROB)
+
+
+def with_exit_scores(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A stage graph that also outputs its exit scores: `offramp_probs` (softmax of the logits),
+    `offramp_label` (their argmax) and `offramp_max_prob`. onnxruntime computes them in C++ in the
+    same run, so the host reads a few small arrays instead of running softmax, argmax and the
+    criterion in numpy after every stage. Done when the server loads a stage (the verified file is
+    unchanged), so every bundle, old ones included, gets it; thresholds stay a host-side comparison."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), HELPER_OPSET)
+    graph.node.append(helper.make_node("Softmax", [LOGITS], [PROBS], axis=-1))
+    graph.node.append(helper.make_node("ArgMax", [LOGITS], [LABEL], axis=-1, keepdims=0))
+    if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+        graph.initializer.append(helper.make_tensor("offramp_last_axis", TensorProto.INT64, [1], [-1]))
+        graph.node.append(helper.make_node("ReduceMax", [PROBS, "offramp_last_axis"], [MAX_PROB], keepdims=0))
+    else:
+        graph.node.append(helper.make_node("ReduceMax", [PROBS], [MAX_PROB], axes=[-1], keepdims=0))
+    graph.output.extend([
+        helper.make_tensor_value_info(PROBS, TensorProto.FLOAT, ["n", None]),
+        helper.make_tensor_value_info(LABEL, TensorProto.INT64, ["n"]),
+        helper.make_tensor_value_info(MAX_PROB, TensorProto.FLOAT, ["n"]),
+    ])
+    return out
+
+
+def _stage_session(path: Path, options: ort.SessionOptions, providers: list[Any]) -> tuple[ort.InferenceSession, bool]:
+    """A stage's session, with the exit scores in its graph when that works (else the plain file)."""
+    try:
+        model = with_exit_scores(onnx.load(str(path)))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers), True
+    except Exception as err:  # an unusual graph (e.g. logits not float): serve it as it is
+        log.warning("%s: exit scores stay on the host (%s: %s)", path.name, type(err).__name__, err)
+        return ort.InferenceSession(str(path), options, providers=providers), False
+
+
 class NumpyOps:
     """Hidden states as host numpy arrays."""
 
@@ -230,10 +286,9 @@ class OrtStageRunner:
         self.device = resolve_device(settings.device)
         options = session_options(settings)
         providers = providers_for(self.device, device_id, settings.cuda_conv_algo_search)
-        self.sessions = [
-            ort.InferenceSession(str(bundle.stage_path(i)), options, providers=providers)
-            for i in range(self.num_stages)
-        ]
+        opened = [_stage_session(bundle.stage_path(i), options, providers) for i in range(self.num_stages)]
+        self.sessions = [s for s, _ in opened]
+        self.in_graph = [scored for _, scored in opened]
         if self.device == "cuda" and CUDA_PROVIDER not in self.sessions[0].get_providers():
             # onnxruntime falls back to CPU silently when the CUDA libraries fail to load.
             if settings.device == "cuda":
@@ -246,6 +301,9 @@ class OrtStageRunner:
         self.providers = self.sessions[0].get_providers()
         self._inputs = [s.inputs[0].name for s in manifest.stages]
         self._extra = [[n for n in (GATE, SIMILARITY) if s.has_output(n)] for s in manifest.stages]
+        # The host-bound outputs of each stage: the logits, the in-graph scores where they exist, gate/similarity.
+        self._small = [[LOGITS, *(SCORES if scored else ())] + extra
+                       for scored, extra in zip(self.in_graph, self._extra, strict=True)]
         bind = bind_device if bind_device is not None else ("cuda" if self.device == "cuda" else None)
         self.ops: NumpyOps | OrtValueOps = (
             OrtValueOps(bind, device_id, session_options(settings)) if bind else NumpyOps()
@@ -256,7 +314,7 @@ class OrtStageRunner:
     def run(self, stage: int, x: Any) -> StageOutputs:
         if isinstance(self.ops, OrtValueOps):
             return self._run_bound(stage, x)
-        names = ([HIDDEN] if stage < self.num_stages - 1 else []) + [LOGITS] + self._extra[stage]
+        names = ([HIDDEN] if stage < self.num_stages - 1 else []) + self._small[stage]
         values = dict(zip(names, self.sessions[stage].run(names, {self._inputs[stage]: x}), strict=True))
         return self._outputs(values)
 
@@ -273,7 +331,7 @@ class OrtStageRunner:
         if stage < self.num_stages - 1:
             binding.bind_output(HIDDEN, ops.device_type, ops.device_id)  # stays on the device
             names.append(HIDDEN)
-        for name in [LOGITS, *self._extra[stage]]:
+        for name in self._small[stage]:
             binding.bind_output(name, "cpu")  # small: comes back to the host
             names.append(name)
         sess.run_with_iobinding(binding)
@@ -284,12 +342,13 @@ class OrtStageRunner:
 
     @staticmethod
     def _outputs(values: dict[str, Any]) -> StageOutputs:
-        gate, sim = values.get(GATE), values.get(SIMILARITY)
+        gate, sim, logits = values.get(GATE), values.get(SIMILARITY), values.get(LOGITS)
         return StageOutputs(
             hidden=values.get(HIDDEN),
-            logits=np.asarray(values[LOGITS], dtype=np.float32),
+            logits=None if logits is None else np.asarray(logits, dtype=np.float32),
             gate=None if gate is None else np.asarray(gate, dtype=np.float32).reshape(-1),
             similarity=None if sim is None else np.asarray(sim, dtype=np.float32).reshape(-1),
+            probs=values.get(PROBS), labels=values.get(LABEL), max_prob=values.get(MAX_PROB),
         )
 
     def take(self, hidden: Any, rows: np.ndarray) -> Any:

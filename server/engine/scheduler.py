@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from server.engine.direct import DIRECT_MAX_ROWS, StageCosts, exit_step, run_direct
 from server.engine.rows import Batch, Chunk, PendingRequest, by_request, merge, post_result
 from server.engine.runtime import StageOutputs, StageRunner
 from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
-from server.exits import ExitState, decide, softmax
+from server.exits import ExitState
 from server.interface import InferResult
 from server.metrics import Metrics
 from server.policy import ExitPolicy
@@ -75,6 +76,8 @@ class ModelScheduler:
         self._draining = False
         self._halt = False
         self._running: Batch | None = None  # the batch the worker is computing
+        self._direct = False  # a request runs on its caller's thread (server.engine.direct)
+        self._costs = StageCosts(flops)
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -124,6 +127,10 @@ class ModelScheduler:
         if n > limit:
             raise BadRequest(f"request has {n} samples; model {self.name!r} queues at most {limit} "
                              "(max_queue_size): split it")
+        if self._may_run_direct(n):
+            direct = self._claim_direct(n)
+            if direct:
+                return self._run_direct(x, n, early_exit)
         loop = asyncio.get_running_loop()
         req = PendingRequest(n, loop, loop.create_future(), np.zeros(n, np.int64),
                        np.zeros((n, self.num_classes), np.float32), np.zeros(n, np.int32), remaining=n)
@@ -150,6 +157,44 @@ class ModelScheduler:
         except asyncio.CancelledError:  # the client went away: drop its work as well
             self._abandon(req)
             raise
+
+    def _may_run_direct(self, n: int) -> bool:
+        """Cheap pre-check, no lock: a small request, no shadow sampling, a model measured to be fast."""
+        if n > min(DIRECT_MAX_ROWS, self.settings.max_batch_size) or self.settings.shadow_rate > 0 or self._load:
+            return False
+        expected = self._costs.full_depth()
+        return expected is not None and expected * 1000.0 <= self.settings.inline_budget_ms
+
+    def _claim_direct(self, n: int) -> bool:
+        """Whether the model is idle (nothing waiting, nothing running): then this request has it."""
+        with self._cond:
+            if not self._accepting:
+                raise NotReady(f"model {self.name!r} is not accepting requests")
+            if self._load or self._running is not None or self._direct:
+                return False
+            self._direct = True
+            self._load += n
+            return True
+
+    def _run_direct(self, x: np.ndarray, n: int, early_exit: bool) -> InferResult:
+        try:
+            return run_direct(self.runner, self._policy, x, early_exit=early_exit, num_classes=self.num_classes,
+                              on_stage=self._direct_stage_done)
+        except Exception as err:  # an onnxruntime failure fails this request, as on the worker
+            log.exception("%s: direct run of %d rows failed", self.name, n)
+            raise OfframpError(f"model {self.name!r}: inference failed: {type(err).__name__}: {err}", 500) from err
+        finally:
+            with self._cond:
+                self._direct = False
+                self._load -= n
+                if self._load or any(self._shadow):  # the worker waits only if there is work for it
+                    self._cond.notify_all()
+
+    def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int) -> None:
+        self._costs.observe(stage, rows, seconds)
+        self.metrics.stage_run(self.name, stage, rows, seconds)
+        self.metrics.samples_exited(self.name, stage, answered, answered * float(self.cum_flops[stage]),
+                                    answered * float(self.cum_flops[-1]))
 
     def _abandon(self, req: PendingRequest) -> None:
         with self._cond:
@@ -200,6 +245,9 @@ class ModelScheduler:
         while True:
             if self._halt:
                 return None
+            if self._direct:  # a request is running on its caller's thread; wait for it
+                self._cond.wait()
+                continue
             stage, wait = self._pick(time.monotonic())
             if stage is not None:
                 batch = self._form_batch(self._queues[stage])
@@ -262,7 +310,9 @@ class ModelScheduler:
             x = self._materialise(batch)
             start = time.perf_counter()
             out = self.runner.run(stage, x)
-            self.metrics.stage_run(self.name, stage, len(batch), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            self._costs.observe(stage, len(batch), seconds)
+            self.metrics.stage_run(self.name, stage, len(batch), seconds)
             if shadow:
                 self._after_shadow(stage, batch.meta, out)
             else:
@@ -282,12 +332,8 @@ class ModelScheduler:
     def _after_stage(self, stage: int, batch: Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
         n = len(batch)
         last = stage == self.num_stages - 1
-        probs = softmax(out.logits)
-        if last:
-            exit_mask, labels, state = np.ones(n, dtype=bool), probs.argmax(axis=-1), batch.state
-        else:
-            exit_mask, labels, state = decide(policy.criterion, policy.threshold(stage), out.logits,
-                                              batch.state, out.gate, out.similarity, probs, stage)
+        exit_mask, labels, probs, state = exit_step(policy, stage, last, out, batch.state)
+        if not last:
             exit_mask &= ~batch.full
         alive = batch.alive()
         survivors = shadow = None
@@ -332,7 +378,7 @@ class ModelScheduler:
 
     def _after_shadow(self, stage: int, batch: Chunk, out: StageOutputs) -> None:
         if stage == self.num_stages - 1:
-            disagreements = int((out.logits.argmax(axis=-1) != batch.early_label).sum())
+            disagreements = int((out.predicted() != batch.early_label).sum())
             with self._cond:
                 self._shadow_load -= len(batch)
             self.metrics.shadow(self.name, len(batch), disagreements)
