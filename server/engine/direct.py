@@ -13,6 +13,7 @@ estimate comes from measured stage times (`StageCosts`).
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -24,33 +25,43 @@ from server.interface import InferResult
 from server.policy import ExitPolicy
 
 DIRECT_MAX_ROWS = 4  # larger requests go to the worker: they are worth batching with others
-EWMA = 0.2
+WINDOW = 9  # stage runs remembered per stage
+REESTIMATE_EVERY = 16
 
 # (stage, rows run, seconds, rows answered there)
 StageHook = Callable[[int, int, float, int], None]
 
 
 class StageCosts:
-    """Seconds one stage run of up to DIRECT_MAX_ROWS rows takes, as a moving average per stage;
-    stages not measured yet (early exits keep deep stages idle) are estimated from their FLOPs."""
+    """Seconds one stage run of up to DIRECT_MAX_ROWS rows takes: the median of its last few runs
+    (robust to a run the OS descheduled); stages not measured yet (early exits keep deep stages
+    idle) are estimated from their FLOPs at the slowest measured rate. The full-depth figure is
+    recomputed every few observations, not on every request."""
 
     def __init__(self, flops: list[int]):
         self.flops = np.asarray(flops, dtype=np.float64)
-        self.seconds: list[float | None] = [None] * len(flops)
+        self.recent: list[deque[float]] = [deque(maxlen=WINDOW) for _ in flops]
+        self._estimate: float | None = None
+        self._fresh = 0  # observations since the estimate was computed
 
     def observe(self, stage: int, rows: int, seconds: float) -> None:
         if rows <= DIRECT_MAX_ROWS:
-            old = self.seconds[stage]
-            self.seconds[stage] = seconds if old is None else (1 - EWMA) * old + EWMA * seconds
+            self.recent[stage].append(seconds)
+            self._fresh += 1
+            if self._estimate is None or self._fresh >= REESTIMATE_EVERY:
+                self._estimate, self._fresh = self._full_depth(), 0
 
     def full_depth(self) -> float | None:
         """Expected seconds of a small request at full depth; None before any stage was measured."""
-        known = [(s, f) for s, f in zip(self.seconds, self.flops, strict=True) if s is not None]
+        return self._estimate
+
+    def _full_depth(self) -> float | None:
+        medians = [sorted(r)[len(r) // 2] if r else None for r in self.recent]
+        known = [(m, f) for m, f in zip(medians, self.flops, strict=True) if m is not None]
         if not known:
             return None
-        per_flop = max(s / max(f, 1.0) for s, f in known)
-        return float(sum(s if s is not None else per_flop * f
-                         for s, f in zip(self.seconds, self.flops, strict=True)))
+        per_flop = max(m / max(f, 1.0) for m, f in known)
+        return float(sum(m if m is not None else per_flop * f for m, f in zip(medians, self.flops, strict=True)))
 
 
 def exit_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
@@ -82,13 +93,15 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
         leave, labels, probs, state = exit_step(policy, stage, stage == last, out, state)
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)
+        if leave.all():  # the common case at batch 1: everyone left here
+            labels_out[rows], probs_out[rows], stage_out[rows] = labels, probs, stage
+            on_stage(stage, len(rows), seconds, len(rows))
+            break
         exited = np.flatnonzero(leave)
         if len(exited):
             where = rows[exited]
             labels_out[where], probs_out[where], stage_out[where] = labels[exited], probs[exited], stage
         on_stage(stage, len(rows), seconds, len(exited))
-        if len(exited) == len(rows):
-            break
         if len(exited):
             stay = np.flatnonzero(~leave)
             rows, state = rows[stay], state.take(stay)

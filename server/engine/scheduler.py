@@ -368,6 +368,7 @@ class ModelScheduler:
             if shadow is not None:
                 self._shadow_load += len(shadow)
                 self._shadow[stage + 1].append(shadow)
+            self._running = None  # done: an answered caller may find the model idle at once
             self._report_depths()
             self._cond.notify_all()
         # Wake the event loop only once the lock is free: its next submit must not wait for us.

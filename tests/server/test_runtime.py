@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from server.bundle import (
     load_bundle,
@@ -164,3 +164,61 @@ def test_cuda_keeps_the_hidden_state_on_the_gpu(onnx_bundle) -> None:
     assert last.hidden is None
     np.testing.assert_allclose(last.logits, want_last.logits, rtol=1e-2, atol=2e-2)  # TF32, see above
     np.testing.assert_allclose(last.similarity, want_last.similarity, atol=1e-2)
+
+
+def test_in_graph_exit_scores_equal_the_numpy_criteria_on_the_same_logits(onnx_bundle) -> None:
+    from server.exits import ExitState, decide, softmax
+
+    runner = OrtStageRunner(onnx_bundle, Settings(device="cpu", intra_op_threads=1))
+    assert runner.in_graph == [True, True, True]
+    h = _pixels(64, seed=5)
+    for k in range(3):
+        out = runner.run(k, h)
+        np.testing.assert_allclose(out.probs, softmax(out.logits), rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(out.labels, out.logits.argmax(axis=-1))
+        np.testing.assert_allclose(out.max_prob, softmax(out.logits).max(axis=-1), rtol=1e-5, atol=1e-7)
+        for criterion in ("max_prob", "margin", "entropy", "patience", "gate"):
+            t = 2.0 if criterion == "patience" else 0.4
+            state = ExitState.initial(len(h))
+            host = decide(criterion, t, out.logits, state, out.gate)
+            graph = decide(criterion, t, None, state, out.gate, None, out.probs, k, out.labels, out.max_prob)
+            np.testing.assert_array_equal(graph[0], host[0])
+            np.testing.assert_array_equal(graph[1], host[1])
+        h = out.hidden
+
+
+def test_a_stage_the_scores_cannot_be_added_to_is_served_as_it_is(onnx_bundle, monkeypatch) -> None:
+    from server.engine import runtime
+
+    plain = OrtStageRunner(onnx_bundle, Settings(device="cpu", intra_op_threads=1))
+
+    def refuse(model: onnx.ModelProto) -> onnx.ModelProto:
+        raise ValueError("unusual graph")
+
+    monkeypatch.setattr(runtime, "with_exit_scores", refuse)
+    old = OrtStageRunner(onnx_bundle, Settings(device="cpu", intra_op_threads=1))
+    assert old.in_graph == [False, False, False]
+    out_old, out_new = old.run(0, _pixels(3)), plain.run(0, _pixels(3))
+    assert out_old.probs is None and out_old.labels is None
+    np.testing.assert_allclose(out_old.logits, out_new.logits, rtol=1e-6)
+    np.testing.assert_allclose(out_old.probabilities(), out_new.probabilities(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(out_old.predicted(), out_new.predicted())
+
+
+def test_exit_scores_fit_graphs_of_any_opset() -> None:
+    from server.engine.runtime import LABEL, MAX_PROB, PROBS, with_exit_scores
+
+    for opset in (13, 17, 18, 20):
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["logits"])], "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+        scored = with_exit_scores(model)
+        onnx.checker.check_model(scored)
+        sess = ort.InferenceSession(scored.SerializeToString(), providers=[CPU_PROVIDER])
+        x = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 5.0]], np.float32)
+        probs, label, top = sess.run([PROBS, LABEL, MAX_PROB], {"x": x})
+        np.testing.assert_array_equal(label, [1, 2])
+        np.testing.assert_allclose(top, probs.max(axis=-1), rtol=1e-6)

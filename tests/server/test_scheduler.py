@@ -452,3 +452,100 @@ def test_stop_without_drain_fails_what_is_pending() -> None:
 
     asyncio.run(scenario())
     assert runner.uids_at(1) == []
+
+
+# -- the direct path: a small request on an idle model runs on the caller's thread -----------------
+
+
+class ThreadRecorder:
+    """A stage hook noting on which thread each stage ran."""
+
+    def __init__(self) -> None:
+        self.threads: list[tuple[int, str]] = []
+
+    def __call__(self, stage: int, uids: list[int]) -> None:
+        self.threads.append((stage, threading.current_thread().name))
+
+
+def test_an_idle_model_runs_small_requests_on_the_callers_thread_and_exits_for_real() -> None:
+    runner = ScriptedRunner(4, plan={u: u % 4 for u in range(40)})
+    runner.hook = recorder = ThreadRecorder()
+    sched = make(runner)
+
+    async def scenario() -> list[InferResult]:
+        sched.start()
+        try:
+            return [await sched.submit(ids(u)) for u in range(40)]
+        finally:
+            await sched.stop()
+
+    results = asyncio.run(scenario())
+    assert [int(r.exit_stage[0]) for r in results] == [u % 4 for u in range(40)]
+    assert [int(r.labels[0]) for r in results] == [u % C for u in range(40)]
+    on_caller = [stage for stage, name in recorder.threads if name == threading.main_thread().name]
+    assert len(on_caller) > len(recorder.threads) // 2  # after the first measurements, all of them
+    for u in range(40):  # every sample ran its stages up to its exit, once each, and none after
+        assert [s for s, uids in runner.calls if u in uids] == list(range(u % 4 + 1))
+
+
+def test_without_a_budget_every_request_goes_through_the_worker() -> None:
+    runner = ScriptedRunner(3, plan={0: 0, 1: 2})
+    runner.hook = recorder = ThreadRecorder()
+    sched = make(runner, inline_budget_ms=0.0)
+
+    async def scenario() -> None:
+        sched.start()
+        for _ in range(5):
+            await sched.submit(ids(0, 1))
+        await sched.stop()
+
+    asyncio.run(scenario())
+    assert recorder.threads and all(name == "offramp-m" for _, name in recorder.threads)
+
+
+def test_a_busy_model_queues_instead_of_running_direct() -> None:
+    runner = ScriptedRunner(3, plan={u: 2 for u in range(8)})
+    sched = make(runner)
+    gate, threads = Gate(stage=1), []
+
+    def hook(stage: int, uids: list[int]) -> None:
+        if len(uids) > 4:
+            gate(stage, uids)  # holds the worker inside stage 1 of the big request
+        if 6 in uids:
+            threads.append(threading.current_thread().name)
+
+    async def scenario() -> tuple[InferResult, InferResult]:
+        sched.start()
+        for _ in range(3):  # the stages are measured: the direct path is open
+            await sched.submit(ids(7))
+        runner.hook = hook
+        first = asyncio.ensure_future(sched.submit(ids(0, 1, 2, 3, 4, 5)))  # > 4 rows: the worker
+        assert await asyncio.to_thread(gate.entered.wait, 5)
+        second = asyncio.ensure_future(sched.submit(ids(6)))  # the model is busy: this one queues
+        await asyncio.sleep(0.05)
+        gate.release.set()
+        results = await first, await second
+        await sched.stop()
+        return results
+
+    first, second = asyncio.run(scenario())
+    assert first.exit_stage.tolist() == [2] * 6 and second.exit_stage.tolist() == [2]
+    assert threads == ["offramp-m"] * 3  # all three stages of the small request ran on the worker
+
+
+def test_a_failing_stage_on_the_direct_path_is_a_500_and_the_model_keeps_serving() -> None:
+    runner = ScriptedRunner(3, plan={1: 0, 9: 2}, poison={9})
+    sched = make(runner)
+
+    async def scenario() -> InferResult:
+        sched.start()
+        for _ in range(3):
+            await sched.submit(ids(1))
+        with pytest.raises(OfframpError) as err:
+            await sched.submit(ids(9))
+        assert err.value.status_code == 500 and "exploded" in err.value.message
+        ok = await sched.submit(ids(1))
+        await sched.stop()
+        return ok
+
+    assert asyncio.run(scenario()).exit_stage.tolist() == [0]
