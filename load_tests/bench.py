@@ -2,21 +2,25 @@
 
 Configurations, measured on the digits test split (never the calibration data):
 
-- `reference`: the bundle's monolithic `reference.onnx` with onnxruntime in-process (the compute
-  reference; it outputs every exit's logits, the final one is the answer);
+- `reference-1t` / `reference-ort`: the bundle's monolithic `reference.onnx` in plain onnxruntime,
+  with 1 intra-op thread / onnxruntime's defaults (spinning off in both); at each batch size the
+  faster of the two is `reference`, the baseline every speed-up is divided by;
 - `full`: the engine in-process with `early_exit=False` (every stage);
 - `early`: the same engine with thresholds calibrated to `--target-agreement` (server.control.calibrate on
   the bundle's calibration data), one request of `batch` samples at a time;
-- `http-full` / `http-early`: the same two through a real `offramp serve` subprocess on
-  127.0.0.1, under `c` concurrent clients each sending single-sample requests in a closed loop
-  (httpx in threads; V2 binary tensor data by default, `--http-format json` for plain JSON).
+- `http-reference`: `reference.onnx` behind the simplest fast V2 endpoint (load_tests/reference_server.py,
+  with the faster thread setting of the in-process reference), the HTTP baseline;
+- `http-full` / `http-early`: the engine through a real `offramp serve` subprocess on 127.0.0.1;
+  all three under `c` concurrent clients each sending `--http-batch` samples per request (default 1)
+  in a closed loop (httpx in threads; V2 binary tensor data by default, `--http-format json` for JSON).
 
 Configurations being compared run interleaved (A, B, C, then B, C, A, ...) so a shared machine's
 drifts hit all of them alike; figures are medians over `--repeats`. Exit histograms and
-agreement pool every repeat. The realisation ratio is the measured speed-up over `full` divided
-by the ideal one, full-depth FLOPs / expected executed FLOPs under the measured exit histogram
-(FLOPs per stage from the manifest). onnxruntime: `--threads` intra-op threads per session
-(default 1: stable on a shared machine), inter-op 1, spinning off everywhere.
+agreement pool every repeat. Speed-ups are over `reference` (in-process) and `http-reference`
+(HTTP), and realisation = that speed-up / the ideal one, full-depth FLOPs over the expected executed
+FLOPs under the measured exit histogram (FLOPs per stage from the manifest); the old figures over
+our own full-depth path stay beside them. The engine's stage sessions use `--threads` intra-op
+threads (default 1; 0 = onnxruntime's default), inter-op 1, spinning off.
 
     offramp bench demo --out results/bench-demo        # or: heavy, or a bundle directory
     python -m load_tests.bench BUNDLE --out DIR --quick   # tiny sizes (tests)
@@ -43,6 +47,7 @@ import numpy as np
 from load_tests.data import RequestData, digits_test_split, read_request_data
 
 PRESETS = ("demo", "heavy")
+REFERENCES = {"reference-1t": 1, "reference-ort": 0}  # in-process baselines: intra-op threads
 
 
 @dataclass
@@ -62,6 +67,8 @@ class BenchConfig:
     """`cpu` or `cuda` (engine with IO binding, reference.onnx with the CUDA provider)."""
     http: bool = True
     http_format: str = "binary"
+    http_batch: int = 1
+    """Samples per HTTP request."""
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -154,13 +161,16 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
     )
     policy = ExitPolicy(cfg.criterion, tuple(thresholds), version=1)
     engine = Engine([bundle], settings, Metrics(), {bundle.name: policy})
-    reference = open_session(bundle.reference_path(), device=cfg.device, intra_op_threads=cfg.threads)
+    references = {name: open_session(bundle.reference_path(), device=cfg.device, intra_op_threads=threads)
+                  for name, threads in REFERENCES.items()}
     last = m.num_stages - 1
     await engine.start()
     try:
-        async def ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            logits = reference.run([m.reference.outputs[-1]], {m.input.name: x})[0]
-            return logits.argmax(-1), np.full(len(x), last, np.int32)
+        def via_reference(session) -> Callable:  # noqa: ANN001
+            async def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                logits = session.run([m.reference.outputs[-1]], {m.input.name: x})[0]
+                return logits.argmax(-1), np.full(len(x), last, np.int32)
+            return call
 
         def via_engine(early: bool) -> Callable:
             async def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +178,8 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
                 return result.labels, result.exit_stage
             return call
 
-        calls = {"reference": ref, "full": via_engine(False), "early": via_engine(True)}
+        calls = {**{name: via_reference(s) for name, s in references.items()},
+                 "full": via_engine(False), "early": via_engine(True)}
         full_labels = (await engine.infer(bundle.name, data.x, early_exit=False)).labels
         trials: dict[tuple[str, int], list[Trial]] = {}
         for batch in cfg.batch_sizes:
@@ -177,7 +188,7 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
                 await _timed(call, data, batch, cfg.warmup_requests, 0)
             for r in range(cfg.repeats):
                 names = list(calls)
-                for name in names[r % 3:] + names[: r % 3]:  # rotate who goes first
+                for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
                     trial = await _timed(calls[name], data, batch, count, r * count * batch)
                     trials.setdefault((name, batch), []).append(trial)
                     bar.update(1)
@@ -210,12 +221,13 @@ class _HttpClients:
             c.close()
 
 
-def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dict]], total: int,
-                start: int) -> Trial:
+def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dict]], rows: list[np.ndarray],
+                total: int, start: int) -> Trial:
+    """`total` requests from `clients.concurrency` closed-loop clients; body i answers data `rows[i]`."""
     from server.http.codec import decode_response
 
     counter = itertools.count()
-    out: list[tuple[int, float, int, int]] = []
+    out: list[tuple[int, float, np.ndarray, np.ndarray]] = []
 
     def worker() -> None:
         client = clients.client()
@@ -228,49 +240,55 @@ def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dic
             if response.status_code != 200:
                 raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
             _, arrays = decode_response(response.content, response.headers)
-            out.append((i, ms, int(arrays["label"][0]), int(arrays["exit_stage"][0])))
+            out.append((i, ms, arrays["label"].astype(np.int64), arrays["exit_stage"].astype(np.int32)))
 
     began = time.perf_counter()
     for f in [clients.pool.submit(worker) for _ in range(clients.concurrency)]:
         f.result()
     seconds = time.perf_counter() - began
-    rows = np.array(out, dtype=np.float64).reshape(-1, 4)
-    return Trial(seconds, rows[:, 1].tolist(), len(out), rows[:, 0].astype(np.int64),
-                 rows[:, 2].astype(np.int64), rows[:, 3].astype(np.int32))
+    return Trial(seconds, [o[1] for o in out], sum(len(o[2]) for o in out),
+                 np.concatenate([rows[o[0]] for o in out]), np.concatenate([o[2] for o in out]),
+                 np.concatenate([o[3] for o in out]))
 
 
 def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestData, cfg: BenchConfig,
-                 out: Path, bar) -> dict[tuple[str, int], list[Trial]]:  # noqa: ANN001
-    """Trials of http-full / http-early per concurrency level against one `offramp serve`."""
-    from load_tests.run_locust import serve
+                 out: Path, bar, reference_threads: int = 0) -> dict[tuple[str, int], list[Trial]]:  # noqa: ANN001
+    """Trials of http-reference / http-full / http-early per concurrency level, interleaved, against
+    the reference server and one `offramp serve`."""
+    from load_tests.run_locust import serve, serve_reference
     from server.http.codec import encode_request
 
     binary = cfg.http_format == "binary"
+    k = cfg.http_batch
+    rows = [np.arange(i, i + k) for i in range(0, len(data) - k + 1, k)]
     bodies = {
-        name: [encode_request(data.x[i : i + 1], input_name,
-                              binary=binary, early_exit=early, binary_output=True if binary else None)
-               for i in range(len(data))]
-        for name, early in (("http-full", False), ("http-early", True))
+        name: [encode_request(data.x[r], input_name, binary=binary, early_exit=early,
+                              binary_output=True if binary else None) for r in rows]
+        for name, early in (("http-reference", False), ("http-full", False), ("http-early", True))
     }
     flags = [f"--intra-op-threads={cfg.threads}", "--inter-op-threads=1", f"--device={cfg.device}",
-             f"--max-batch-size={max(32, max(cfg.concurrency))}",
+             f"--max-batch-size={max(32, max(cfg.concurrency) * k)}",
              f"--max-queue-delay-ms={cfg.max_queue_delay_ms}"]
     trials: dict[tuple[str, int], list[Trial]] = {}
-    with serve([bundle_dir], out / "server.log", flags=flags) as base:
+    with serve([bundle_dir], out / "server.log", flags=flags) as base, \
+            serve_reference(bundle_dir, out / "reference-server.log", threads=reference_threads) as ref_base:
         for c in cfg.concurrency:
-            clients = _HttpClients(base, c)
+            pools = {"engine": _HttpClients(base, c), "reference": _HttpClients(ref_base, c)}
             try:
-                total = max(cfg.samples_per_trial, 4 * c)
-                for name in bodies:
-                    _http_trial(clients, model, bodies[name], max(c, cfg.warmup_requests), 0)
+                total = max(cfg.samples_per_trial // k, 4 * c)
+                names = list(bodies)
+                for name in names:
+                    pool = pools["reference" if name == "http-reference" else "engine"]
+                    _http_trial(pool, model, bodies[name], rows, max(c, cfg.warmup_requests), 0)
                 for r in range(cfg.repeats):
-                    names = list(bodies) if r % 2 == 0 else list(bodies)[::-1]
-                    for name in names:
+                    for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+                        pool = pools["reference" if name == "http-reference" else "engine"]
                         trials.setdefault((name, c), []).append(
-                            _http_trial(clients, model, bodies[name], total, r * total))
+                            _http_trial(pool, model, bodies[name], rows, total, r * total))
                         bar.update(1)
             finally:
-                clients.close()
+                for pool in pools.values():
+                    pool.close()
     return trials
 
 
@@ -319,20 +337,31 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
                             criterion=cfg.criterion)
     thresholds = list(calibration.thresholds)
     out.mkdir(parents=True, exist_ok=True)
-    total = len(cfg.batch_sizes) * cfg.repeats * 3
-    total += len(cfg.concurrency) * cfg.repeats * 2 if cfg.http else 0
+    total = len(cfg.batch_sizes) * cfg.repeats * (2 + len(REFERENCES))
+    total += len(cfg.concurrency) * cfg.repeats * 3 if cfg.http else 0
     with tqdm(total=total, desc=f"bench {m.name}", unit="trial", disable=not progress) as bar:
         trials, full_labels = asyncio.run(measure_in_process(bundle, data, cfg, thresholds, bar))
         if cfg.http:
             with tempfile.TemporaryDirectory(prefix="offramp-bench-") as tmp:
                 served = policy_bundle(bundle.root, cfg.criterion, thresholds, Path(tmp) / "bundle")
-                trials |= measure_http(served, m.name, m.input.name, data, cfg, out, bar)
+                trials |= measure_http(served, m.name, m.input.name, data, cfg, out, bar,
+                                       reference_threads=_faster_reference_threads(trials))
     report = build_report(m, trials, full_labels, data, calibration.to_dict(), asdict(cfg))
     report["machine"] = machine()
     report["bundle"]["path"] = str(bundle_dir)
     report["command"] = command
     write_outputs(report, out)
     return report
+
+
+def _faster_reference_threads(trials: dict[tuple[str, int], list[Trial]]) -> int:
+    """The intra-op thread setting of the faster in-process reference at the smallest batch."""
+    batch = min(b for (name, b) in trials if name in REFERENCES)
+
+    def speed(name: str) -> float:
+        return float(np.median([t.samples / t.seconds for t in trials[(name, batch)]]))
+
+    return REFERENCES[max(REFERENCES, key=speed)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -348,6 +377,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-agreement", type=float, help="calibration target (default 0.99)")
     parser.add_argument("--criterion", help="exit criterion to calibrate (default max_prob)")
     parser.add_argument("--http-format", choices=["binary", "json"], help="V2 body format (default binary)")
+    parser.add_argument("--http-batch", type=int, help="samples per HTTP request (default 1)")
     parser.add_argument("--no-http", action="store_true", help="in-process configurations only")
     parser.add_argument("--data", type=Path, help="request data file (default: the digits test split)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -359,7 +389,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     for flag, key in (("batch", "batch_sizes"), ("concurrency", "concurrency"), ("repeats", "repeats"),
                       ("samples", "samples_per_trial"), ("threads", "threads"),
                       ("max_queue_delay_ms", "max_queue_delay_ms"), ("target_agreement", "target_agreement"),
-                      ("criterion", "criterion"), ("http_format", "http_format"), ("device", "device")):
+                      ("criterion", "criterion"), ("http_format", "http_format"), ("device", "device"),
+                      ("http_batch", "http_batch")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     cfg.http = not args.no_http

@@ -179,15 +179,34 @@ def serve(bundles: Sequence[Path], log_path: Path, *, flags: Sequence[str] = (),
 
     The server gets its own empty state directory, so a policy persisted by an earlier run never
     replaces the bundle's; it is stopped by its pid (SIGTERM, then SIGKILL after 30 s)."""
-    import httpx
-
     port = free_port()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     state = log_path.parent / f".state-{port}"
     cmd = [sys.executable, "-m", "offramp.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--state-dir", str(state), "--log-level", "warning", *flags]
     for b in bundles:
         cmd += ["--bundle", str(b)]
+    with run_server(cmd, port, log_path, "offramp serve", ready_timeout_s) as base:
+        yield base
+
+
+@contextmanager
+def serve_reference(bundle: Path, log_path: Path, *, threads: int = 0,
+                    ready_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run the HTTP baseline (load_tests/reference_server.py: reference.onnx behind a bare V2 endpoint)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "load_tests.reference_server", str(bundle), "--port", str(port),
+           "--threads", str(threads)]
+    with run_server(cmd, port, log_path, "the reference server", ready_timeout_s) as base:
+        yield base
+
+
+@contextmanager
+def run_server(cmd: list[str], port: int, log_path: Path, what: str, ready_timeout_s: float) -> Iterator[str]:
+    """`cmd` (a server on 127.0.0.1:`port`) until the block ends, once `/v2/health/ready` answers;
+    stopped by its pid."""
+    import httpx
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     base = f"http://127.0.0.1:{port}"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -196,14 +215,14 @@ def serve(bundles: Sequence[Path], log_path: Path, *, flags: Sequence[str] = (),
         while True:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"offramp serve exited with {proc.returncode} before ready:\n{tail}")
+                raise RuntimeError(f"{what} exited with {proc.returncode} before ready:\n{tail}")
             try:
                 if httpx.get(f"{base}/v2/health/ready", timeout=2.0).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"offramp serve not ready within {ready_timeout_s:g} s (log: {log_path})")
+                raise RuntimeError(f"{what} not ready within {ready_timeout_s:g} s (log: {log_path})")
             time.sleep(0.2)
         yield base
     finally:

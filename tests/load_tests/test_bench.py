@@ -40,9 +40,9 @@ def test_bench_covers_every_configuration_with_sane_fields(bench_report: tuple[d
     rows = report["results"]
     seen = {(r["config"], r.get("batch", r.get("clients"))) for r in rows}
     for batch in (1, 4):
-        assert {("reference", batch), ("full", batch), ("early", batch)} <= seen
+        assert {("reference-1t", batch), ("reference-ort", batch), ("full", batch), ("early", batch)} <= seen
     for clients in (1, 2):
-        assert {("http-full", clients), ("http-early", clients)} <= seen
+        assert {("http-reference", clients), ("http-full", clients), ("http-early", clients)} <= seen
     for r in rows:
         assert 0.0 <= r["agreement"] <= 1.0
         assert 1.0 <= r["mean_exit_depth"] <= stages
@@ -50,12 +50,28 @@ def test_bench_covers_every_configuration_with_sane_fields(bench_report: tuple[d
         assert r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"]
         assert sum(r["exit_counts"]) == r["samples"] and np.isclose(sum(r["exit_histogram"]), 1.0)
     for r in rows:
-        if r["config"] in ("reference", "full", "http-full"):
+        if r["config"] in ("reference-1t", "reference-ort", "http-reference", "full", "http-full"):
             # Full depth answers every sample at the last stage, in agreement with itself.
             assert r["mean_exit_depth"] == stages and r["exit_counts"][-1] == r["samples"]
             assert r["ideal_speedup"] == 1.0
         if r["config"] in ("full", "http-full"):
-            assert r["agreement"] == 1.0 and r["speedup"] == 1.0
+            assert r["agreement"] == 1.0 and r["speedup_vs_full"] == 1.0
+
+
+def test_every_speed_up_is_over_the_faster_reference_of_the_same_run(bench_report: tuple[dict, Path]) -> None:
+    report, out = bench_report
+    by = {(r["config"], r.get("batch", r.get("clients"))): r for r in report["results"]}
+    for r in report["results"]:
+        key = r.get("batch", r.get("clients"))
+        if r["mode"] == "in_process":
+            base = max((by[("reference-1t", key)], by[("reference-ort", key)]), key=lambda b: b["throughput"])
+        else:
+            base = by[("http-reference", key)]
+        assert r["baseline"] == base["config"]
+        assert r["speedup"] == pytest.approx(r["throughput"] / base["throughput"])
+        assert r["realisation"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+    assert any("early exit / reference" in t["check"] for t in report["targets"])
+    assert "vs full" in (out / "bench.md").read_text() and "*" in (out / "bench.md").read_text()
 
 
 def test_early_exit_really_exits_early(bench_report: tuple[dict, Path]) -> None:
