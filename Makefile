@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
-EXTRAS ?= cpu,export,test
+EXTRAS ?= cpu,fast,export,test
 
 .PHONY: install serve test lint
 

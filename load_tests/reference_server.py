@@ -89,8 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     args = parser.parse_args(argv)
+    # uvicorn's fastest stack where installed (uvloop, httptools), as offramp serve uses.
     uvicorn.run(build_app(args.bundle, args.threads), host="127.0.0.1", port=args.port, log_level="warning",
-                http="h11", lifespan="on")
+                loop="auto", http="auto", lifespan="on")
     return 0
 
 

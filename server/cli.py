@@ -204,11 +204,21 @@ def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None)
             await asyncio.gather(*tasks, return_exceptions=True)
 
     with _signals_end_quietly():
-        asyncio.run(run_all())
+        _run(run_all())
     if not server.started:
         log.error("the server did not start (see the errors above)")
         return 1
     return 0
+
+
+def _run(main: Any) -> None:
+    """`asyncio.run`, on uvloop when it is installed (the `fast` extra)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def inspect(args: argparse.Namespace) -> int:

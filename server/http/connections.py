@@ -53,18 +53,25 @@ class _OncePerWhile:
 _REFUSALS = _OncePerWhile(ACCEPT_LOG_EVERY_S)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a header deadline and a connection cap (see the module docstring)."""
+class _Guard:
+    """The header deadline and the connection cap, over either of uvicorn's HTTP/1.1 protocols
+    (`_awaiting_headers` says whether the connection is between requests or inside headers)."""
 
     header_timeout_s: float = 10.0
     max_connections: int = 1000
+    connections: set[Any]
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_deadline: asyncio.TimerHandle | None = None
 
+    def _awaiting_headers(self) -> bool:
+        raise NotImplementedError
+
     def connection_made(self, transport: asyncio.Transport) -> None:
-        super().connection_made(transport)
+        super().connection_made(transport)  # type: ignore[misc]
         if len(self.connections) > self.max_connections:
             self._refuse(transport)
             return
@@ -72,13 +79,13 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_deadline()
-        super().connection_lost(exc)
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def data_received(self, data: bytes) -> None:
-        if self._header_deadline is None and self.conn.their_state is h11.IDLE:
+        if self._header_deadline is None and self._awaiting_headers():
             self._arm_header_deadline()  # the next request on a keep-alive connection starts
-        super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:
+        super().data_received(data)  # type: ignore[misc]
+        if not self._awaiting_headers():
             self._disarm_header_deadline()  # headers complete (or the connection is done)
 
     def _arm_header_deadline(self) -> None:
@@ -92,7 +99,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+        if not self.transport.is_closing() and self._awaiting_headers():
             self.transport.close()
 
     def _refuse(self, transport: asyncio.Transport) -> None:
@@ -106,10 +113,44 @@ class GuardedH11Protocol(H11Protocol):
             "were not logged", len(self.connections), self.max_connections, skipped, ACCEPT_LOG_EVERY_S))
 
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
-    """The protocol class for `uvicorn.Config(http=...)` with these limits."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
+class GuardedH11Protocol(_Guard, H11Protocol):
+    """uvicorn's h11 protocol (pure Python), guarded."""
+
+    def _awaiting_headers(self) -> bool:
+        return self.conn.their_state is h11.IDLE
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    HAVE_HTTPTOOLS = True
+except ImportError:  # httptools is the optional `fast` extra
+    HAVE_HTTPTOOLS = False
+
+if HAVE_HTTPTOOLS:
+
+    class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
+        """uvicorn's httptools protocol (the C parser of Node.js), guarded."""
+
+        _headers_done = False
+
+        def _awaiting_headers(self) -> bool:
+            return not self._headers_done and not self.transport.is_closing()
+
+        def on_headers_complete(self) -> None:
+            self._headers_done = True
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._headers_done = False
+            super().on_message_complete()
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[_Guard]:
+    """The protocol class for `uvicorn.Config(http=...)` with these limits: httptools when it is
+    installed (the `fast` extra), else h11."""
+    base: type[_Guard] = GuardedHttpToolsProtocol if HAVE_HTTPTOOLS else GuardedH11Protocol
+    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
