@@ -86,6 +86,8 @@ class Trial:
     indices: np.ndarray  # data rows answered
     labels: np.ndarray
     exit_stage: np.ndarray
+    server_cpu_s: float = 0.0  # HTTP: CPU time the server process used during the trial
+    client_cpu_s: float = 0.0  # HTTP: CPU time this (load-generating) process used during the trial
 
 
 def resolve_bundle(spec: str, cache_dir: Path | None = None, *, progress: bool = True) -> Path:
@@ -242,13 +244,19 @@ def _http_trial(clients: _HttpClients, model: str, bodies: list[tuple[bytes, dic
             _, arrays = decode_response(response.content, response.headers)
             out.append((i, ms, arrays["label"].astype(np.int64), arrays["exit_stage"].astype(np.int32)))
 
+    from load_tests.run_locust import cpu_seconds
+
+    pid = getattr(clients.base, "pid", None)
+    server_cpu, client_cpu = cpu_seconds(pid) if pid else 0.0, time.process_time()
     began = time.perf_counter()
     for f in [clients.pool.submit(worker) for _ in range(clients.concurrency)]:
         f.result()
     seconds = time.perf_counter() - began
     return Trial(seconds, [o[1] for o in out], sum(len(o[2]) for o in out),
                  np.concatenate([rows[o[0]] for o in out]), np.concatenate([o[2] for o in out]),
-                 np.concatenate([o[3] for o in out]))
+                 np.concatenate([o[3] for o in out]),
+                 server_cpu_s=(cpu_seconds(pid) - server_cpu) if pid else 0.0,
+                 client_cpu_s=time.process_time() - client_cpu)
 
 
 def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestData, cfg: BenchConfig,

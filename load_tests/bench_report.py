@@ -54,6 +54,12 @@ def _row(name: str, key: int, trials: list, full_labels: np.ndarray, y: np.ndarr
         "compute_fraction": fraction,
         "ideal_speedup": 1.0 / fraction,
     }
+    if row["mode"] == "http":  # CPU: the load generator shares the cores with the server
+        requests = max(1, row["requests"])
+        server = sum(getattr(t, "server_cpu_s", 0.0) for t in trials)
+        client = sum(getattr(t, "client_cpu_s", 0.0) for t in trials)
+        row["server_cpu_ms_per_request"] = 1e3 * server / requests
+        row["client_cpu_share"] = client / (client + server) if client + server > 0 else None
     return row
 
 
@@ -153,6 +159,14 @@ def markdown(report: dict) -> str:
             f"{r['agreement']:.4f} | "
             f"{_f(r['speedup'])} | {r['ideal_speedup']:.2f} | {_f(r['realisation'])} | "
             f"{_f(r.get('speedup_vs_full'))} | {_f(r.get('realisation_vs_full'))} |")
+    http = [r for r in report["results"] if r["mode"] == "http"]
+    if http:
+        lines += ["", "HTTP CPU (the load generator shares the cores with the servers):", "",
+                  "| config | clients | server CPU ms per request | load generator's share of the CPU used |",
+                  "| --- | ---: | ---: | ---: |"]
+        for r in http:
+            lines.append(f"| {r['config']} | {r['clients']} | {_f(r.get('server_cpu_ms_per_request'), 3)} | "
+                         f"{_f(r.get('client_cpu_share'))} |")
     if report["targets"]:
         lines += ["", "| target | value | met |", "| --- | ---: | :---: |"]
         for t in report["targets"]:

@@ -200,6 +200,26 @@ def serve_reference(bundle: Path, log_path: Path, *, threads: int = 0,
         yield base
 
 
+class Served(str):
+    """A running server's base URL, with its process id (to read its CPU time)."""
+
+    pid: int
+
+    def __new__(cls, base: str, pid: int) -> Served:
+        served = super().__new__(cls, base)
+        served.pid = pid
+        return served
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc; 0.0 where that is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def run_server(cmd: list[str], port: int, log_path: Path, what: str, ready_timeout_s: float) -> Iterator[str]:
     """`cmd` (a server on 127.0.0.1:`port`) until the block ends, once `/v2/health/ready` answers;
@@ -224,7 +244,7 @@ def run_server(cmd: list[str], port: int, log_path: Path, what: str, ready_timeo
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{what} not ready within {ready_timeout_s:g} s (log: {log_path})")
             time.sleep(0.2)
-        yield base
+        yield Served(base, proc.pid)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGTERM)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
+import os
 import signal
+import socket
 import sys
 import threading
 import types
@@ -171,7 +174,7 @@ def uvicorn_config(app: Any, settings: Settings, port: int, lifespan: str) -> uv
 def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None) -> int:
     """Run the server on the configured bundles; with none configured, on `default_bundle(settings)`."""
     from server.bundle import load_bundle
-    from server.http.app import create_admin_app, create_app
+    from server.http.app import create_app
 
     try:
         settings = settings_from_args(args)
@@ -184,20 +187,32 @@ def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None)
         paths = list(settings.bundles)
         if not paths and default_bundle is not None:
             paths = [default_bundle(settings)]
-        app = create_app(settings, bundles=[load_bundle(path) for path in paths])
+        bundles = [load_bundle(path) for path in paths]
+        app = create_app(settings, bundles=bundles)  # verifies everything, in the parent with --workers too
     except (BundleError, StateError) as err:
         print(f"offramp serve: {err}", file=sys.stderr)
         return 2
+    if settings.workers > 1:
+        return _serve_workers(settings, paths)
+    return _serve_app(app, settings)
 
+
+def _serve_app(app: Any, settings: Settings, sockets: dict[str, socket.socket] | None = None) -> int:
+    """One server process: the app, and the admin app on its own listener when `admin_port` is set."""
+    from server.http.app import create_admin_app
+
+    sockets = sockets or {}
     followers: list[uvicorn.Server] = []
+    admin: list[socket.socket] = [sockets["admin"]] if "admin" in sockets else []
     if settings.admin_port is not None:
         followers.append(_Follower(uvicorn_config(create_admin_app(app), settings, settings.admin_port, "off")))
     server = _DrainingServer(uvicorn_config(app, settings, settings.port, "on"), settings.drain_grace_s, followers)
+    main: list[socket.socket] | None = [sockets["main"]] if "main" in sockets else None
 
     async def run_all() -> None:
-        tasks = [asyncio.ensure_future(f.serve()) for f in followers]
+        tasks = [asyncio.ensure_future(f.serve(sockets=admin or None)) for f in followers]
         try:
-            await server.serve()
+            await server.serve(sockets=main)
         finally:
             for follower in followers:
                 follower.should_exit = True
@@ -209,6 +224,55 @@ def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None)
         log.error("the server did not start (see the errors above)")
         return 1
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve_workers(settings: Settings, paths: list[Path]) -> int:
+    """`settings.workers` processes accepting on the same sockets, each with its own engine; the
+    parent forwards SIGTERM/SIGINT to them and exits with the worst status."""
+    from server.bundle import load_bundle
+    from server.http.app import create_app
+
+    sockets = {"main": _listen(settings.host, settings.port)}
+    if settings.admin_port is not None:
+        sockets["admin"] = _listen(settings.host, settings.admin_port)
+    port = sockets["main"].getsockname()[1]
+    log.info("offramp listening on http://%s:%d with %d worker processes", settings.host, port, settings.workers)
+    children: list[int] = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: its own app, engine and sessions (onnxruntime starts after the fork)
+            code = 1
+            try:
+                code = _serve_app(create_app(settings, bundles=[load_bundle(p) for p in paths]), settings, sockets)
+            finally:
+                os._exit(code)
+        children.append(pid)
+
+    def forward(sig: int, frame: FrameType | None) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    worst = 0
+    try:
+        for child in children:
+            _, status = os.waitpid(child, 0)
+            code = os.waitstatus_to_exitcode(status)
+            worst = max(worst, code if code >= 0 else 1)  # killed by a signal counts as a failure
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return worst
 
 
 def _run(main: Any) -> None:

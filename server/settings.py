@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     503 with `Connection: close` (readiness is already 503), so that keep-alive clients move on
     cleanly; then it stops accepting and finishes the requests in flight."""
 
+    workers: int = Field(1, ge=1, le=64)
+    """Server processes on one port (and one admin port), each with its own engine: for hosts with
+    more cores than one process can use. They share the live policy through the store (the state
+    directory, polled every 0.5 s, or Redis): a change through one reaches all. Survivors of
+    different batches merge only within a process."""
+
     admin_port: int | None = Field(None, ge=0, le=65535)
     """Serve the admin API on its own listener (same host) on this port, and not on the inference
     port. Unset: on the inference port."""

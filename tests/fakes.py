@@ -259,7 +259,7 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"(?:Uvicorn running|offramp listening) on http://127\.0\.0\.1:(\d+)", line)
             if match and self._want in (None, int(match.group(1))) and self.port is None:
                 self.port = int(match.group(1))
                 self._bound.set()

@@ -27,7 +27,14 @@ def build_store(settings: Settings, metrics: Metrics) -> PolicyStore:
     return store
 
 
-def build_sync(store: PolicyStore, engine: ServingEngine) -> PolicySync | None:
-    """A `PolicySync` applying the shared store's changes to `engine`; None for a store only this
-    process writes."""
-    return PolicySync(store, engine) if isinstance(store, RedisPolicyStore) else None
+FILE_POLL_S = 0.5  # how soon a change through one worker process reaches the others
+
+
+def build_sync(store: PolicyStore, engine: ServingEngine, settings: Settings) -> PolicySync | None:
+    """A `PolicySync` applying the shared store's changes to `engine`: always on Redis; on the state
+    directory when several worker processes share it; else None (only this process writes)."""
+    if isinstance(store, RedisPolicyStore):
+        return PolicySync(store, engine)
+    if settings.workers > 1:
+        return PolicySync(store, engine, poll_interval_s=FILE_POLL_S)
+    return None

@@ -1,9 +1,10 @@
 """Replica sync: apply the shared store's policy changes to this replica's engine.
 
-A thread subscribed to its models' channels (server.control.redis_store) applies a change within
-milliseconds, and polls every few seconds as a safety net for notifications lost while
-disconnected. Redis down: the engine keeps the policy it has, and the thread reconnects with
-backoff.
+On Redis, a thread subscribed to its models' channels (server.control.redis_store) applies a
+change within milliseconds, and polls every few seconds as a safety net for notifications lost
+while disconnected; Redis down: the engine keeps the policy it has, and the thread reconnects
+with backoff. On a state directory shared by several processes of one host (`offramp serve
+--workers N`), the thread polls the policy files (`poll_interval_s`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 
 from server.control.redis_store import RedisPolicyStore, StoreUnavailable
-from server.control.store import stored_or_seeded
+from server.control.store import PolicyStore, stored_or_seeded
 from server.interface import ServingEngine
 
 log = logging.getLogger("offramp.store.sync")
@@ -21,10 +22,14 @@ log = logging.getLogger("offramp.store.sync")
 MIN_BACKOFF_S = 0.1  # PolicySync reconnects after this, doubling up to max_backoff_s
 
 
+def _redis_errors(store: PolicyStore) -> tuple[type[Exception], ...]:
+    return (store._redis.RedisError,) if isinstance(store, RedisPolicyStore) else ()
+
+
 class PolicySync:
     """Applies the store's policy changes to this replica's engine (pub/sub, plus polling)."""
 
-    def __init__(self, store: RedisPolicyStore, engine: ServingEngine, *, poll_interval_s: float = 2.0,
+    def __init__(self, store: PolicyStore, engine: ServingEngine, *, poll_interval_s: float = 2.0,
                  max_backoff_s: float = 5.0):
         if poll_interval_s <= 0 or max_backoff_s <= 0:
             raise ValueError("poll_interval_s and max_backoff_s must be positive")
@@ -74,11 +79,12 @@ class PolicySync:
         return True
 
     def _run(self) -> None:
+        transient: tuple[type[Exception], ...] = (StoreUnavailable, OSError, *_redis_errors(self.store))
         while not self._stop.is_set():
             try:
                 self._follow()
-            except (StoreUnavailable, self.store._redis.RedisError, OSError) as err:
-                if not isinstance(err, StoreUnavailable):
+            except transient as err:
+                if isinstance(self.store, RedisPolicyStore) and not isinstance(err, StoreUnavailable):
                     self.store._mark(False, err)
                 self._stop.wait(self._backoff)
                 self._backoff = min(self._backoff * 2, self.max_backoff_s)
@@ -87,7 +93,14 @@ class PolicySync:
                 self._stop.wait(self.max_backoff_s)
 
     def _follow(self) -> None:
-        """Subscribe, catch up on everything, then apply changes as they are announced."""
+        """Subscribe, catch up on everything, then apply changes as they are announced (Redis);
+        else look at the store every `poll_interval_s`."""
+        if not isinstance(self.store, RedisPolicyStore):
+            while not self._stop.is_set():
+                for model in self.engine.model_names():
+                    self.refresh(model)
+                self._stop.wait(self.poll_interval_s)
+            return
         models = {self.store.channel(m): m for m in self.engine.model_names()}
         pubsub = self.store.client.pubsub(ignore_subscribe_messages=True)
         try:

@@ -339,3 +339,36 @@ def test_an_empty_store_is_seeded_with_the_running_policy(tmp_path: Path, call: 
             control.calibrate(manifest.name, {"target_agreement": 0.9}, None, True, None)
     assert store.history(manifest.name)[0].same_as(running)
     assert not any(h.same_as(manifest.default_policy) for h in store.history(manifest.name))
+
+
+# -- several worker processes on one port -----------------------------------------------------------
+
+
+def test_workers_share_one_port_and_a_policy_change_reaches_all(bundle: Path, tmp_path: Path) -> None:
+    proc = ServerProcess(bundle, tmp_path, "--workers", "2", "--admin-token", TOKEN, "--drain-grace-s", "0")
+    try:
+        body = _infer_body()
+
+        def stages_seen() -> set[int]:
+            seen = set()
+            for _ in range(30):  # new connections: the kernel spreads them over both workers
+                r = httpx.post(f"{proc.url}/v2/models/{MODEL}/infer", content=body)
+                assert r.status_code == 200, r.text
+                seen |= set(next(o["data"] for o in r.json()["outputs"] if o["name"] == "exit_stage"))
+            return seen
+
+        for thresholds, want in (([None, None], {2}), ([0.0, 0.0], {0})):  # all at full depth, then none
+            r = httpx.put(f"{proc.url}/admin/models/{MODEL}/exit-policy", json={"thresholds": thresholds},
+                          headers=AUTH)
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + CLOSE_BOUND_S
+            while stages_seen() != want:  # every worker answers so once it has read the change
+                assert time.monotonic() < deadline, f"a worker never picked up {thresholds}"
+                time.sleep(0.2)
+        pids = {line.split("[")[1].split("]")[0] for line in proc.lines if "Started server process" in line}
+        assert len(pids) == 2  # two processes served
+        # the worker that did not take a PUT applied it from the state directory
+        assert sum("from the policy store" in line for line in proc.lines) >= 2, proc.log
+        assert proc.terminate() == 0
+    finally:
+        proc.stop()
