@@ -9,19 +9,20 @@ Three parts:
 
 1. The protocol: health, server and model metadata, model ready, infer with JSON and with the binary
    tensor data extension (`Inference-Header-Content-Length`). Answers are checked against the
-   schemas of the vendored spec, `tests/server/conformance/dataplane.yaml` (MLServer's dataplane
-   OpenAPI spec; source, commit and the one fix are in its header).
+   schemas of `tests/server/conformance/v2_dataplane.yaml`, an OpenAPI description of the Open
+   Inference Protocol's REST data plane written for these tests from the protocol's text (what
+   any V2 server must do; MLServer publishes one like it as `openapi/dataplane.yaml`).
 2. The V2 cases of Triton's `qa/L0_http/http_test.py` (triton-inference-server/server at
    e1db8a603d863b1317ee859bdeea2be19959462e) that apply to offramp, plus the rest of the bad-input
    matrix: malformed JSON, wrong datatypes, wrong shapes, unknown model or version, bad
    `Inference-Header-Content-Length`, oversized bodies, missing inputs. Every bad request must get
    a 4xx (never a 5xx) with a JSON body `{"error": "..."}`, and the server must stay healthy.
-3. Schemathesis against the vendored spec, positive and negative examples (derandomized, no example
+3. Schemathesis against that description, positive and negative examples (derandomized, no example
    database, no deadline), checking that no answer is a server error (5xx) and that answers with a
    status the spec documents match its response schema. Two runs, 273 requests in all:
    - every implemented operation with any path parameters (mostly unknown models, so 404s): 25
      examples per operation, 153 requests (the three operations without parameters need one each);
-   - the two infer operations on the served model, 60 examples each: in memory (the vendored file
+   - the two infer operations on the served model, 60 examples each: in memory (the file
      stays as it is) the spec is narrowed to the served model and version, one input, its name,
      datatype and shape, so that generated bodies reach the decoding of `data`, `id` and
      `parameters` instead of stopping at 404 or at the input's name.
@@ -89,11 +90,12 @@ schemathesis = pytest.importorskip("schemathesis", reason="the conformance tests
 requests = pytest.importorskip("requests", reason="schemathesis calls the server with requests")
 hypothesis = pytest.importorskip("hypothesis")
 
-SPEC_PATH = Path(__file__).parent / "conformance" / "dataplane.yaml"
+SPEC_PATH = Path(__file__).parent / "conformance" / "v2_dataplane.yaml"
 
 
 def load_spec() -> dict[str, Any]:
-    """The vendored spec, a fresh copy each time (schemathesis and the narrowing below change theirs)."""
+    """The V2 data plane description, a fresh copy each time (schemathesis and the narrowing below
+    change theirs)."""
     return yaml.safe_load(SPEC_PATH.read_text())
 
 
@@ -190,7 +192,7 @@ def post_raw(client: httpx.Client, body: bytes | str, headers: dict[str, str] | 
 
 
 def assert_conforms(instance: Any, schema_name: str) -> None:
-    """`instance` is valid against `components.schemas.<schema_name>` of the vendored spec."""
+    """`instance` is valid against `components.schemas.<schema_name>` of the V2 description."""
     jsonschema.validate(instance, {"$ref": f"#/components/schemas/{schema_name}", "components": SPEC["components"]})
 
 
@@ -625,7 +627,7 @@ def test_unsupported_content_encoding_is_a_client_error(client: httpx.Client) ->
     expect_error(client, r, r.status_code, "Content-Encoding")
 
 
-# == 3. schemathesis against the vendored spec ======================================================
+# == 3. schemathesis against the V2 description ======================================================
 
 NOT_IMPLEMENTED = [
     "model-inference-stream", "model-version-inference-stream",
@@ -649,7 +651,7 @@ def load_fuzz_schema(spec: dict[str, Any]) -> Any:
 
 
 def spec_for_the_served_model() -> dict[str, Any]:
-    """The vendored spec narrowed, in memory only, to what the served model takes: path parameters
+    """The V2 description narrowed, in memory only, to what the served model takes: path parameters
     `model_name` and `model_version`, one input, and its name, datatype and shape. Generated bodies then
     get past the model lookup and the input's header and reach the decoding of `data`, `id` and
     `parameters` (negative examples break one of the narrowed fields at a time)."""
