@@ -27,12 +27,10 @@ Three parts:
      datatype and shape, so that generated bodies reach the decoding of `data`, `id` and
      `parameters` instead of stopping at 404 or at the input's name.
 
-Operations of the spec excluded from the schemathesis run (offramp does not implement them; they
-answer 404), by operationId:
-    model-inference-stream, model-version-inference-stream    no streaming inference
-    model-generate, model-version-generate                    no generate extension (LLMs)
-    model-generate-stream, model-version-generate-stream      no generate extension (LLMs)
-The spec has no repository (index/load/unload), statistics, trace or logging operations to exclude.
+The description holds only the base protocol's operations; the optional extensions offramp does
+not implement (streaming and generate inference, repository, statistics, trace, logging) are not
+in it (NOT_IMPLEMENTED below still names the streaming and generate operationIds, should they be
+added to the description).
 Not checked: status_code_conformance, because the spec documents only 200 for the health and model
 ready routes, where a 404 for an unknown model is the protocol's answer.
 
