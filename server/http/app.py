@@ -28,7 +28,7 @@ from server.http.admin import build_admin_router
 from server.http.bodies import install_error_handlers
 from server.http.connections import quiet_accept_errors
 from server.http.middleware import ServingMiddleware, route_methods
-from server.http.v2 import v2
+from server.http.v2 import infer_asgi, v2
 from server.interface import ServingEngine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -95,6 +95,7 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
         app.include_router(admin)
         routes += admin.routes
     _finish(app, routes, lambda: bool(app.state.draining))
+    app.fast = lambda scope, receive, send: infer_asgi(app.state, scope, receive, send)
     return app
 
 
@@ -109,9 +110,32 @@ def create_admin_app(app: FastAPI) -> FastAPI:
     return admin_app
 
 
-def _app(title: str, **kwargs: Any) -> FastAPI:
+class OfframpApp(FastAPI):
+    """FastAPI with a door in front: infer requests go straight to `server.http.v2.infer_asgi`, past
+    Starlette's middleware stack (error middleware, body-limit wrapper, routing), which costs more
+    server CPU per request than the engine on a small model. Everything else, and every request
+    while the server drains, goes through the framework as usual."""
+
+    fast: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self.fast is not None and scope["type"] == "http" and scope["method"] == "POST" \
+                and not self.state.draining and await self.fast(scope, receive, self._closing(send)):
+            return
+        await super().__call__(scope, receive, send)
+
+    def _closing(self, send: Any) -> Any:
+        """`send`, adding `Connection: close` when draining started while the request ran."""
+        async def wrapped(message: Any) -> None:
+            if message["type"] == "http.response.start" and self.state.draining:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+        return wrapped
+
+
+def _app(title: str, **kwargs: Any) -> OfframpApp:
     # No /docs or /redoc: their pages load scripts from a public CDN. /openapi.json describes the routes.
-    return FastAPI(title=title, version=__version__, docs_url=None, redoc_url=None, **kwargs)
+    return OfframpApp(title=title, version=__version__, docs_url=None, redoc_url=None, **kwargs)
 
 
 def _finish(app: FastAPI, routes: list[Any], draining: Any) -> None:

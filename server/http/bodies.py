@@ -8,6 +8,7 @@ Shared by the V2 routes and the admin routes. Every problem a client can cause i
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -20,36 +21,58 @@ from server import jsonio
 from server.errors import BadRequest, BodyTimeout, OfframpError, PayloadTooLarge, Unprocessable, validation_problems
 
 M = TypeVar("M", bound=BaseModel)
+_timeout = getattr(asyncio, "timeout", None)
 
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The body, refusing more than `limit` bytes (by Content-Length up front, by counting while it
     arrives: nothing past the limit is buffered) and a body that takes longer than `timeout_s` (408,
     also when Content-Length promises more than is sent)."""
-    declared = request.headers.get("content-length")
+    try:
+        return await read_limited(request.headers.get("content-length"), request.headers.get("content-encoding"),
+                                  request.stream(), limit, timeout_s)
+    except ClientDisconnect:
+        raise BadRequest("client disconnected before sending the whole body") from None
+
+
+async def asgi_chunks(receive: Any) -> AsyncIterator[bytes]:
+    """The body chunks of a raw ASGI request; BadRequest when the client goes away first."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BadRequest("client disconnected before sending the whole body")
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
+async def read_limited(declared: str | None, encoding: str | None, chunks: AsyncIterator[bytes], limit: int,
+                       timeout_s: float) -> bytes:
+    """`read_body` over any stream of chunks (the FastAPI route and the raw ASGI infer path)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise BadRequest(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
-    chunks: list[bytes] = []
+    if (encoding or "identity").lower() != "identity":
+        raise BadRequest(f"Content-Encoding {encoding!r} is not supported")
+    parts: list[bytes] = []
 
     async def collect() -> None:
         received = 0
-        async for chunk in request.stream():
+        async for chunk in chunks:
             received += len(chunk)
             if received > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
+            parts.append(chunk)
 
     try:
-        await asyncio.wait_for(collect(), timeout_s)
-    except ClientDisconnect:
-        raise BadRequest("client disconnected before sending the whole body") from None
-    except asyncio.TimeoutError:
-        received = sum(map(len, chunks))
+        if _timeout is not None:  # Python 3.11+: no task per request
+            async with _timeout(timeout_s):
+                await collect()
+        else:
+            await asyncio.wait_for(collect(), timeout_s)
+    except (asyncio.TimeoutError, TimeoutError):
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s "
-                          f"({received} bytes received)") from None
-    return b"".join(chunks)
+                          f"({sum(map(len, parts))} bytes received)") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def parse_json(raw: bytes) -> Any:

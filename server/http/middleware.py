@@ -53,15 +53,12 @@ class ServingMiddleware:
             await _answer(send, 503, {"error": "the server is shutting down: retry on another replica"},
                           [(b"retry-after", b"1"), (b"connection", b"close")])
             return
-        allowed = self._allowed(path)
-        if method == "OPTIONS" and allowed is not None:
-            await _answer(send, 204, None, [(b"allow", ", ".join(sorted(allowed)).encode())])
-            return
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                if message["status"] == 405 and allowed is not None:
+                allowed = self._allowed(path) if message["status"] == 405 else None
+                if allowed is not None:
                     headers = [h for h in headers if h[0].lower() != b"allow"]
                     headers.append((b"allow", ", ".join(sorted(allowed)).encode()))
                 if draining or self.draining():
@@ -70,6 +67,10 @@ class ServingMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        allowed = self._allowed(path) if method == "OPTIONS" else None
+        if allowed is not None:
+            await _answer(send, 204, None, [(b"allow", ", ".join(sorted(allowed)).encode())])
+            return
         await self.app(scope, receive, send_wrapper)
 
 
