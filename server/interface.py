@@ -46,4 +46,8 @@ class ServingEngine(Protocol):
 
     async def stop(self, drain: bool = True) -> None: ...
 
-    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True) -> InferResult: ...
+    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True,
+                    direct: bool = True) -> InferResult:
+        """Every sample of `x` answered at its exit. `direct=False`: never on the caller's thread
+        (the caller has other work the worker thread could overlap with)."""
+        ...

@@ -88,7 +88,8 @@ class FakeEngine:
         self.started = False
         self.stopped_with.append(drain)
 
-    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True) -> InferResult:
+    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True,
+                    direct: bool = True) -> InferResult:
         if self.error is not None:
             raise self.error
         n = len(x)

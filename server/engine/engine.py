@@ -135,7 +135,8 @@ class Engine:
         runner = None if scheduler is None else scheduler.runner
         return getattr(runner, "device", "cpu") if runner is not None else "stopped"
 
-    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True) -> InferResult:
+    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True,
+                    direct: bool = True) -> InferResult:
         """Answer every sample of `x` (its first axis), each at the stage where it may exit.
 
         Raises BadRequest (shape), NotFound (model), NotReady (not started / stopping),
@@ -151,4 +152,4 @@ class Engine:
         if scheduler is None:
             raise NotReady(f"model {model!r} is not serving (not started yet, or shutting down)")
         dtype = NUMPY_DTYPES[spec.dtype]
-        return await scheduler.submit(np.ascontiguousarray(x, dtype=dtype), early_exit=early_exit)
+        return await scheduler.submit(np.ascontiguousarray(x, dtype=dtype), early_exit=early_exit, direct=direct)

@@ -118,7 +118,7 @@ class ModelScheduler:
 
     # ---- request side ----------------------------------------------------------------------------
 
-    async def submit(self, x: np.ndarray, *, early_exit: bool = True) -> InferResult:
+    async def submit(self, x: np.ndarray, *, early_exit: bool = True, direct: bool = True) -> InferResult:
         n = int(x.shape[0])
         if n == 0:
             return InferResult(np.zeros(0, np.int64), np.zeros((0, self.num_classes), np.float32),
@@ -127,7 +127,7 @@ class ModelScheduler:
         if n > limit:
             raise BadRequest(f"request has {n} samples; model {self.name!r} queues at most {limit} "
                              "(max_queue_size): split it")
-        if self._may_run_direct(n):
+        if direct and self._may_run_direct(n):
             direct = self._claim_direct(n)
             if direct:
                 return self._run_direct(x, n, early_exit)

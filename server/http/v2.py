@@ -153,6 +153,10 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
     metrics: Metrics = state.metrics
     started = time.perf_counter()
     label = model if model in engine.model_names() else UNKNOWN_MODEL
+    # With other requests in progress on this event loop, run the stages on the worker thread so
+    # that the loop's own work (other requests' bodies, decoding, encoding) overlaps with compute
+    # on another core; alone, the request may run them right here (server.engine.direct).
+    state.in_progress += 1
     try:
         bundle = engine.bundle(model)  # raises NotFound naming the served models
         if version is not None and version != bundle.manifest.version:
@@ -162,7 +166,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
             len(raw), codec.decode_infer_request, raw, header_length, bundle.manifest.input,
             max_samples=settings.max_samples_per_request,
         )
-        result = await engine.infer(model, req.x, early_exit=req.early_exit)
+        result = await engine.infer(model, req.x, early_exit=req.early_exit, direct=state.in_progress == 1)
         content, headers = await _maybe_offloaded(
             len(req.x) * bundle.manifest.num_classes * JSON_BYTES_PER_FLOAT,
             codec.encode_infer_response, bundle.manifest, req, result,
@@ -175,6 +179,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
         metrics.request_done(label, "error")
         raise OfframpError(f"internal error: {type(err).__name__}") from err
     finally:
+        state.in_progress -= 1
         body.close()  # the body is not read when the model or version is unknown
     metrics.request_done(label, "ok", time.perf_counter() - started)
     return content, headers
