@@ -67,7 +67,7 @@ COPY load_tests ./load_tests
 COPY docker/runtime-constraints.txt docker/check_runtime.py ./docker/
 COPY --from=demo /bundles/demo /bundles/demo
 RUN python -m venv /opt/venv \
- && pip install -c docker/runtime-constraints.txt '.[cpu,fast,redis]' \
+ && pip install -c docker/runtime-constraints.txt '.[cpu,fast,grpc,redis]' \
  && python docker/check_runtime.py onnxruntime /bundles/demo \
  && groupadd --system --gid 10001 offramp \
  && useradd --system --uid 10001 --gid offramp --home-dir /var/lib/offramp --shell /usr/sbin/nologin offramp \
@@ -117,7 +117,7 @@ COPY --from=demo /bundles/demo /bundles/demo
 # Only the `gpu` extra: installing `.[cpu]` as well would put both onnxruntime builds in one
 # environment, and the build check below fails on that.
 RUN python3 -m venv /opt/venv \
- && pip install -c docker/runtime-constraints.txt '.[gpu,fast,redis]' \
+ && pip install -c docker/runtime-constraints.txt '.[gpu,fast,grpc,redis]' \
  && python docker/check_runtime.py onnxruntime-gpu /bundles/demo \
  && groupadd --system --gid 10001 offramp \
  && useradd --system --uid 10001 --gid offramp --home-dir /var/lib/offramp --shell /usr/sbin/nologin offramp \

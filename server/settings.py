@@ -124,6 +124,10 @@ class Settings(BaseSettings):
     503 with `Connection: close` (readiness is already 503), so that keep-alive clients move on
     cleanly; then it stops accepting and finishes the requests in flight."""
 
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    """Serve the Open Inference Protocol over gRPC (`inference.GRPCInferenceService`) on this port too,
+    same host (0 picks a free one). Unset: no gRPC. Needs the `grpc` extra."""
+
     workers: int = Field(1, ge=1, le=64)
     """Server processes on one port (and one admin port), each with its own engine: for hosts with
     more cores than one process can use. They share the live policy through the store (the state

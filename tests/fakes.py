@@ -242,6 +242,7 @@ class ServerProcess:
                                      text=True)
         self.lines: list[str] = []
         self.port: int | None = None
+        self.grpc_port: int | None = None  # with --grpc-port
         self._bound = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
         if not self._bound.wait(STARTUP_S) or self.port is None:
@@ -260,6 +261,9 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line)
+            grpc_line = re.search(r"offramp gRPC on 127\.0\.0\.1:(\d+)", line)
+            if grpc_line:
+                self.grpc_port = int(grpc_line.group(1))
             match = re.search(r"(?:Uvicorn running|offramp listening) on http://127\.0\.0\.1:(\d+)", line)
             if match and self._want in (None, int(match.group(1))) and self.port is None:
                 self.port = int(match.group(1))

@@ -108,9 +108,9 @@ def test_dockerfile_has_a_demo_builder_and_torch_free_cpu_and_gpu_targets() -> N
     for target, extra, dist in (("cpu", "cpu", "onnxruntime"), ("gpu", "gpu", "onnxruntime-gpu")):
         stage, run = stages[target], runs(stages[target])
         installs = re.findall(r"'\.\[[^\]]*\]'", run)
-        # The runtime extra, uvloop and httptools (`fast`), and the Redis client (the shared policy
-        # store the compose/k8s stacks use); never torch.
-        assert installs == [f"'.[{extra},fast,redis]'"], f"{target} must install the {extra}, fast and redis extras"
+        # The runtime extra, uvloop and httptools (`fast`), gRPC, and the Redis client (the shared
+        # policy store the compose/k8s stacks use); never torch.
+        assert installs == [f"'.[{extra},fast,grpc,redis]'"], f"{target}: the {extra}, fast, grpc and redis extras"
         assert "torch" not in run and "export" not in run
         assert f"check_runtime.py {dist} /bundles/demo" in run
         assert ("COPY", "--from=demo /bundles/demo /bundles/demo") in stage

@@ -43,9 +43,17 @@ async def metrics_endpoint(request: Request) -> Response:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine: ServingEngine = app.state.engine
+    settings: Settings = app.state.settings
     quiet_accept_errors(asyncio.get_running_loop())
     await engine.start()
     log.info("serving models %s", engine.model_names())
+    grpc_server = None
+    if settings.grpc_port is not None:
+        from server.http.grpc_v2 import build_grpc_server  # grpcio: the `grpc` extra
+
+        grpc_server, app.state.grpc_port = build_grpc_server(app.state, settings)
+        await grpc_server.start()
+        log.info("offramp gRPC on %s:%d", settings.host, app.state.grpc_port)
     sync = app.state.policy_sync
     if sync is not None:
         sync.start()  # from now on, changes made through other replicas apply here too
@@ -54,6 +62,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         # uvicorn runs this after the connections with requests in flight have been answered.
         app.state.draining = True
+        if grpc_server is not None:
+            await grpc_server.stop(grace=settings.request_timeout_s)  # answers the calls in flight
         if sync is not None:
             await run_in_threadpool(sync.stop)
         await engine.stop(drain=True)

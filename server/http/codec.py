@@ -126,7 +126,7 @@ def _flag(params: dict[str, Any], key: str, where: str, default: bool) -> bool:
     return value
 
 
-def _shape(tensor: dict[str, Any], spec: InputSpec, max_samples: int) -> tuple[int, ...]:
+def check_shape(tensor: dict[str, Any], spec: InputSpec, max_samples: int) -> tuple[int, ...]:
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise BadRequest(f"input {spec.name!r}: shape must be a list of integers, got {shape!r}")
@@ -145,7 +145,7 @@ def _shape(tensor: dict[str, Any], spec: InputSpec, max_samples: int) -> tuple[i
     return tuple(shape)
 
 
-def _from_json(data: Any, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def array_from_list(data: Any, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequest(f"input {spec.name!r}: data must be a list of numbers (flat or nested)")
     try:
@@ -173,7 +173,7 @@ def _from_json(data: Any, spec: InputSpec, shape: tuple[int, ...], dtype: np.dty
         return arr.astype(dtype, copy=False).reshape(shape)
 
 
-def _from_binary(buf: memoryview, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def array_from_bytes(buf: memoryview, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
     if len(buf) != expected:
         raise BadRequest(
@@ -217,7 +217,7 @@ def decode_infer_request(
     if datatype != spec.dtype:
         raise BadRequest(f"input {spec.name!r}: datatype {datatype!r} is not the model's {spec.dtype}")
     dtype = NUMPY_DTYPES[spec.dtype]
-    shape = _shape(tensor, spec, max_samples)
+    shape = check_shape(tensor, spec, max_samples)
 
     tparams = _parameters(tensor, f"input {spec.name!r}")
     size = tparams.get("binary_data_size")
@@ -233,12 +233,12 @@ def decode_infer_request(
                 f"input {spec.name!r}: binary_data_size is {size} bytes, "
                 f"only {len(tail)} follow the JSON header"
             )
-        x = _from_binary(tail[:size], spec, shape, dtype)
+        x = array_from_bytes(tail[:size], spec, shape, dtype)
         used = size
     else:
         if "data" not in tensor:
             raise BadRequest(f"input {spec.name!r}: no data (give data or parameters.binary_data_size)")
-        x = _from_json(tensor["data"], spec, shape, dtype)
+        x = array_from_list(tensor["data"], spec, shape, dtype)
         used = 0
     if len(tail) != used:
         raise BadRequest(f"{len(tail) - used} bytes after the JSON header are not claimed by any input")

@@ -1,0 +1,187 @@
+"""Open Inference Protocol over gRPC: `inference.GRPCInferenceService` on its own port (`grpc_port`).
+
+The same engine, decoding rules, errors and metrics as the REST routes: ServerLive, ServerReady,
+ModelReady, ServerMetadata, ModelMetadata and ModelInfer, with inputs as `raw_input_contents`
+(what tritonclient sends) or typed contents, the `early_exit` request parameter, and outputs as
+`raw_output_contents`. Errors keep their meaning as gRPC status codes (400 INVALID_ARGUMENT, 404
+NOT_FOUND, 413 and an overloaded queue RESOURCE_EXHAUSTED, other 503 UNAVAILABLE, 504
+DEADLINE_EXCEEDED, 500 INTERNAL). The service operations offramp does not have (shared memory,
+repository, statistics, trace, logging, streaming) answer UNIMPLEMENTED.
+
+The message classes and service stubs are the ones `tritonclient[grpc]` ships, generated from
+Triton's `grpc_service.proto`, a superset of the KServe protocol's (the `grpc` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from server import __version__
+from server.bundle import NUMPY_DTYPES
+from server.errors import BadRequest, NotFound, OfframpError, Overloaded
+from server.http import codec
+from server.interface import ServingEngine
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("offramp.grpc")
+
+TYPED = {"FP32": "fp32_contents", "FP16": None, "INT64": "int64_contents", "INT32": "int_contents",
+         "UINT8": "uint_contents", "BOOL": "bool_contents"}
+
+
+def status_code(err: OfframpError) -> grpc.StatusCode:
+    if isinstance(err, Overloaded) or err.status_code == 413:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+            408: grpc.StatusCode.DEADLINE_EXCEEDED, 503: grpc.StatusCode.UNAVAILABLE,
+            504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(err.status_code, grpc.StatusCode.INTERNAL)
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    """The servicer; `state` is the FastAPI app's state (engine, settings, metrics, draining)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    @property
+    def engine(self) -> ServingEngine:
+        return self.state.engine
+
+    async def _fail(self, context: Any, err: OfframpError) -> None:
+        await context.abort(status_code(err), err.message)
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 - the protocol's names
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return pb.ServerReadyResponse(ready=self.engine.ready and not self.state.draining)
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            self._bundle(request.name, request.version)
+        except OfframpError as err:
+            await self._fail(context, err)
+        return pb.ModelReadyResponse(ready=self.engine.ready and not self.state.draining)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        meta = codec.server_metadata()
+        return pb.ServerMetadataResponse(name=meta["name"], version=__version__, extensions=meta["extensions"])
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
+        try:
+            meta = codec.model_metadata(self._bundle(request.name, request.version).manifest)
+        except OfframpError as err:
+            await self._fail(context, err)
+
+        def tensors(items: list[dict[str, Any]]) -> list[Any]:
+            return [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                    for t in items]
+
+        return pb.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+                                        inputs=tensors(meta["inputs"]), outputs=tensors(meta["outputs"]))
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:  # noqa: N802
+        metrics: Metrics = self.state.metrics
+        settings: Settings = self.state.settings
+        model = request.model_name
+        label = model if model in self.engine.model_names() else "_unknown"
+        started = time.perf_counter()
+        try:
+            if self.state.draining:
+                raise OfframpError("the server is shutting down: retry on another replica", 503)
+            bundle = self._bundle(model, request.model_version)
+            x, early_exit, wanted = decode(request, bundle.manifest, settings.max_samples_per_request)
+            result = await self.engine.infer(model, x, early_exit=early_exit)
+            response = encode(bundle.manifest, request.id, result, wanted)
+        except OfframpError as err:
+            metrics.request_done(label, _outcome(err))
+            await self._fail(context, err)
+        except Exception as err:  # a bug: log it, INTERNAL, never a broken stream
+            log.exception("gRPC infer on model %r failed", model)
+            metrics.request_done(label, "error")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+        metrics.request_done(label, "ok", time.perf_counter() - started)
+        return response
+
+    def _bundle(self, model: str, version: str) -> Any:
+        bundle = self.engine.bundle(model)  # NotFound naming the served models
+        if version and version != bundle.manifest.version:
+            raise NotFound(f"model {model!r} has no version {version!r} (served: {bundle.manifest.version!r})")
+        return bundle
+
+
+def _outcome(err: OfframpError) -> str:
+    if err.status_code == 503:
+        return "overloaded"
+    if err.status_code == 504:
+        return "timeout"
+    return "bad_request" if 400 <= err.status_code < 500 else "error"
+
+
+def decode(request: Any, manifest: Any, max_samples: int) -> tuple[np.ndarray, bool, list[str]]:
+    """The input array, the early_exit flag and the outputs asked for; BadRequest for anything wrong."""
+    spec = manifest.input
+    early_exit = True
+    for key, param in request.parameters.items():
+        if key == "early_exit":
+            if param.WhichOneof("parameter_choice") != "bool_param":
+                raise BadRequest("request parameter early_exit must be a bool")
+            early_exit = param.bool_param
+    names = [t.name for t in request.inputs]
+    if names != [spec.name]:
+        raise BadRequest(f"inputs must be exactly [{spec.name!r}], got {names}")
+    tensor = request.inputs[0]
+    if tensor.datatype != spec.dtype:
+        raise BadRequest(f"input {spec.name!r}: datatype {tensor.datatype!r} is not the model's {spec.dtype}")
+    shape = codec.check_shape({"shape": list(tensor.shape)}, spec, max_samples)
+    dtype = NUMPY_DTYPES[spec.dtype]
+    if len(request.raw_input_contents) > 1:
+        raise BadRequest(f"{len(request.raw_input_contents)} raw_input_contents for one input")
+    if request.raw_input_contents:
+        if tensor.HasField("contents"):
+            raise BadRequest(f"input {spec.name!r}: give raw_input_contents or contents, not both")
+        x = codec.array_from_bytes(memoryview(request.raw_input_contents[0]), spec, shape, dtype)
+    else:
+        field = TYPED.get(spec.dtype)
+        values = list(getattr(tensor.contents, field)) if field else []
+        if not values:
+            raise BadRequest(f"input {spec.name!r}: no data (raw_input_contents or contents.{field})")
+        x = codec.array_from_list(values, spec, shape, dtype)
+    if dtype.kind == "f" and not np.isfinite(x).all():
+        raise BadRequest(f"input {spec.name!r}: {int(np.count_nonzero(~np.isfinite(x)))} value(s) are NaN or infinite")
+    wanted = [o.name for o in request.outputs] or list(codec.OUTPUTS)
+    unknown = [n for n in wanted if n not in codec.OUTPUTS]
+    if unknown:
+        raise BadRequest(f"unknown output(s) {unknown}; this model has {list(codec.OUTPUTS)}")
+    if len(set(wanted)) != len(wanted):
+        raise BadRequest("an output is requested twice")
+    return x, early_exit, wanted
+
+
+def encode(manifest: Any, request_id: str, result: Any, wanted: list[str]) -> Any:
+    arrays = {"label": result.labels, "probabilities": result.probabilities, "exit_stage": result.exit_stage}
+    response = pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version, id=request_id)
+    for name in wanted:
+        datatype, dtype = codec.OUTPUTS[name]
+        arr = np.ascontiguousarray(arrays[name], dtype=dtype)
+        response.outputs.append(pb.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype,
+                                                                        shape=list(arr.shape)))
+        response.raw_output_contents.append(arr.tobytes())
+    return response
+
+
+def build_grpc_server(state: Any, settings: Settings) -> tuple[Any, int]:
+    """The gRPC server (not started) and the port it is bound to (`grpc_port` 0 picks a free one)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", settings.max_request_bytes),
+                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(state), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    return server, port
