@@ -25,8 +25,9 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from server import __version__
 from server.bundle import NUMPY_DTYPES
-from server.errors import BadRequest, NotFound, OfframpError, Overloaded
+from server.errors import BadRequest, OfframpError, Overloaded
 from server.http import codec
+from server.http.v2 import UNKNOWN_MODEL, bundle_for, outcome
 from server.interface import ServingEngine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -92,7 +93,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         metrics: Metrics = self.state.metrics
         settings: Settings = self.state.settings
         model = request.model_name
-        label = model if model in self.engine.model_names() else "_unknown"
+        label = model if model in self.engine.model_names() else UNKNOWN_MODEL
         started = time.perf_counter()
         try:
             if self.state.draining:
@@ -102,7 +103,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             result = await self.engine.infer(model, x, early_exit=early_exit)
             response = encode(bundle.manifest, request.id, result, wanted)
         except OfframpError as err:
-            metrics.request_done(label, _outcome(err))
+            metrics.request_done(label, outcome(err.status_code))
             await self._fail(context, err)
         except Exception as err:  # a bug: log it, INTERNAL, never a broken stream
             log.exception("gRPC infer on model %r failed", model)
@@ -112,18 +113,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     def _bundle(self, model: str, version: str) -> Any:
-        bundle = self.engine.bundle(model)  # NotFound naming the served models
-        if version and version != bundle.manifest.version:
-            raise NotFound(f"model {model!r} has no version {version!r} (served: {bundle.manifest.version!r})")
-        return bundle
-
-
-def _outcome(err: OfframpError) -> str:
-    if err.status_code == 503:
-        return "overloaded"
-    if err.status_code == 504:
-        return "timeout"
-    return "bad_request" if 400 <= err.status_code < 500 else "error"
+        return bundle_for(self.engine, model, version)
 
 
 def decode(request: Any, manifest: Any, max_samples: int) -> tuple[np.ndarray, bool, list[str]]:

@@ -36,7 +36,8 @@ JSON_BYTES_PER_FLOAT = 20  # rough size of one probability in a JSON response
 UNKNOWN_MODEL = "_unknown"  # metrics label for requests naming no served model (bounded cardinality)
 
 
-def _outcome(status: int) -> str:
+def outcome(status: int) -> str:
+    """The `outcome` label of offramp_requests_total for an answer's status."""
     if status == 503:
         return "overloaded"
     if status == 504:
@@ -60,14 +61,19 @@ def _serving(request: Request) -> bool:
     return request.app.state.engine.ready and not request.app.state.draining
 
 
-def _bundle_for(engine: ServingEngine, model: str, request: Request) -> Bundle:
-    """The model's bundle; the version, when the path names one (`/versions/{version}`), must match.
-    (Read from the path only: a `version` query parameter is not part of the protocol.)"""
-    version = request.path_params.get("version")
-    bundle = engine.bundle(model)  # raises NotFound naming the served models
-    if version is not None and version != bundle.manifest.version:
+def bundle_for(engine: ServingEngine, model: str, version: str | None) -> Bundle:
+    """The model's bundle (NotFound naming the served models); a version, when one is named, must
+    be the bundle's (REST and gRPC)."""
+    bundle = engine.bundle(model)
+    if version and version != bundle.manifest.version:
         raise NotFound(f"model {model!r} has no version {version!r} (served: {bundle.manifest.version!r})")
     return bundle
+
+
+def _bundle_for(engine: ServingEngine, model: str, request: Request) -> Bundle:
+    """`bundle_for` with the version of the path (`/versions/{version}`); a `version` query
+    parameter is not part of the protocol and is ignored."""
+    return bundle_for(engine, model, request.path_params.get("version"))
 
 
 class ErrorBody(BaseModel):
@@ -158,9 +164,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
     # on another core; alone, the request may run them right here (server.engine.direct).
     state.in_progress += 1
     try:
-        bundle = engine.bundle(model)  # raises NotFound naming the served models
-        if version is not None and version != bundle.manifest.version:
-            raise NotFound(f"model {model!r} has no version {version!r} (served: {bundle.manifest.version!r})")
+        bundle = bundle_for(engine, model, version)
         raw = await body
         req = await _maybe_offloaded(
             len(raw), codec.decode_infer_request, raw, header_length, bundle.manifest.input,
@@ -172,7 +176,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
             codec.encode_infer_response, bundle.manifest, req, result,
         )
     except OfframpError as err:
-        metrics.request_done(label, _outcome(err.status_code))
+        metrics.request_done(label, outcome(err.status_code))
         raise
     except Exception as err:  # a bug, not the client's fault: log it, answer 500 in the usual format
         log.exception("infer on model %r failed", model)
