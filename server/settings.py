@@ -65,12 +65,12 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0)
     """How long the first waiting sample may wait for a batch to fill before stage 0 runs."""
 
-    inline_budget_ms: float = Field(1.0, ge=0)
+    inline_budget_ms: float = Field(5.0, ge=0)
     """A request of up to 4 samples that finds the model idle (nothing queued or running) runs its
     stages on the caller's thread, with no hand-off to the worker thread, when its full depth is
-    expected to take at most this long (from measured stage times). This saves two thread wake-ups
-    per request, which is what a small model costs at low load. 0 turns it off. Not used while
-    `shadow_rate` > 0."""
+    expected to take at most this long (from measured stage times); through HTTP only when no other
+    request is in progress. This saves two thread wake-ups per request, which is what a small model
+    costs at low load. 0 turns it off. Not used while `shadow_rate` > 0."""
 
     max_queue_size: int = Field(1024, ge=1)
     """Samples that may wait or be in flight per model; beyond that new requests get 503 at once."""
