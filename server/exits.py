@@ -38,6 +38,7 @@ class Criterion:
     integer: bool = False  # thresholds are whole numbers (patience)
     lo: float = 0.0  # valid thresholds, inclusive; `hi` None means the number of stages
     hi: float | None = 1.0
+    stateful: bool = False  # its score depends on earlier stages (carried in ExitState)
 
     def threshold_range(self, num_stages: int) -> tuple[float, float]:
         return self.lo, float(num_stages) if self.hi is None else self.hi
@@ -53,9 +54,9 @@ CRITERIA: dict[str, Criterion] = {c.name: c for c in (
     Criterion("max_prob"),
     Criterion("margin"),
     Criterion("entropy"),
-    Criterion("patience", integer=True, lo=1.0, hi=None),
+    Criterion("patience", integer=True, lo=1.0, hi=None, stateful=True),
     Criterion("gate", reads=GATE),
-    Criterion("q_exit", reads=GATE),
+    Criterion("q_exit", reads=GATE, stateful=True),
     Criterion("similarity", reads=SIMILARITY, first_stage=1, lo=-1.0, hi=1.0),
 )}
 

@@ -198,6 +198,13 @@ class Metrics:
         self.stages.exited(model, stage, count, executed_flops, full_flops)
 
     @_never_raises
+    def stage_done(self, model: str, stage: int, batch: int, seconds: float, answered: int, executed_flops: float,
+                   full_flops: float) -> None:
+        """`stage_run` and `samples_exited` of one stage run in one call (the direct path's)."""
+        self.stages.stage_run(model, stage, batch, seconds)
+        self.stages.exited(model, stage, answered, executed_flops, full_flops)
+
+    @_never_raises
     def queue(self, model: str, stage: int, depth: int) -> None:
         self._child(self.queue_depth, model, str(stage)).set(depth)
 

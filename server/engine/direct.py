@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from server.engine.runtime import StageOutputs, StageRunner
-from server.exits import ExitState, decide
+from server.exits import CRITERIA, ExitState, decide, score_threshold
 from server.interface import InferResult
 from server.policy import ExitPolicy
 
@@ -64,15 +64,26 @@ class StageCosts:
         return float(sum(m if m is not None else per_flop * f for m, f in zip(medians, self.flops, strict=True)))
 
 
-def exit_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
-              state: ExitState) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExitState]:
+def exit_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs, state: ExitState | None,
+              keep_state: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExitState | None]:
     """One stage's exit decision for its rows: (leave mask, labels, probabilities, next state). The
-    worker and the direct path both decide through here, so both answer alike."""
+    worker and the direct path both decide through here, so both answer alike.
+
+    `keep_state=False` (the direct path, whose policy cannot change mid-request): a criterion that
+    needs no exit state and whose score the graph computed is a plain comparison of that score, and
+    `state` may be None until a criterion needs it."""
     probs = out.probabilities()
     if last:
         return np.ones(len(probs), bool), out.predicted(), probs, state
-    leave, labels, state = decide(policy.criterion, policy.threshold(stage), out.logits, state, out.gate,
-                                  out.similarity, probs, stage, out.labels, out.max_prob)
+    threshold = policy.threshold(stage)
+    score = None if keep_state or CRITERIA[policy.criterion].stateful else out.in_graph_score(policy.criterion)
+    if score is not None and out.labels is not None:
+        cut = None if threshold is None else score_threshold(policy.criterion, threshold)
+        leave = np.zeros(len(probs), bool) if cut is None else score.astype(np.float64) >= cut
+        return leave, out.labels, probs, state
+    state = state if state is not None else ExitState.initial(len(probs))
+    leave, labels, state = decide(policy.criterion, threshold, out.logits, state, out.gate, out.similarity, probs,
+                                  stage, out.labels, out.max_prob)
     return leave, labels, probs, state
 
 
@@ -84,13 +95,14 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
     probs_out = np.empty((n, num_classes), np.float32)
     stage_out = np.empty(n, np.int32)
     rows = np.arange(n)  # which request row each row of `hidden` is
-    hidden, state = x, ExitState.initial(n)
+    hidden: Any = x
+    state: ExitState | None = None  # made when a criterion needs it (exit_step)
     last = runner.num_stages - 1
     for stage in range(runner.num_stages):
         started = time.perf_counter()
         out = runner.run(stage, hidden)
         seconds = time.perf_counter() - started
-        leave, labels, probs, state = exit_step(policy, stage, stage == last, out, state)
+        leave, labels, probs, state = exit_step(policy, stage, stage == last, out, state, keep_state=False)
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)
         if leave.all():  # the common case at batch 1: everyone left here
@@ -104,7 +116,7 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
         on_stage(stage, len(rows), seconds, len(exited))
         if len(exited):
             stay = np.flatnonzero(~leave)
-            rows, state = rows[stay], state.take(stay)
+            rows, state = rows[stay], None if state is None else state.take(stay)
             hidden = runner.take(out.hidden, stay)
         else:
             hidden = out.hidden

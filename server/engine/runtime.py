@@ -68,6 +68,10 @@ class StageOutputs:
         assert self.logits is not None, "a stage gives its logits or their softmax"
         return softmax(self.logits)
 
+    def in_graph_score(self, criterion: str) -> np.ndarray | None:
+        """The criterion's score as the stage graph computed it, where it did (max_prob)."""
+        return self.max_prob if criterion == "max_prob" else None
+
     def predicted(self) -> np.ndarray:
         return self.labels if self.labels is not None else self.probabilities().argmax(axis=-1)
 

@@ -60,6 +60,7 @@ class ModelScheduler:
         self.num_stages = runner.num_stages
         self.num_classes = num_classes
         self.cum_flops = np.cumsum(np.asarray(flops, dtype=np.float64))
+        self._cum = [float(c) for c in self.cum_flops]  # as Python floats: no numpy scalars per stage
         self.settings = settings
         self.metrics = metrics
         self._policy = policy
@@ -192,9 +193,8 @@ class ModelScheduler:
 
     def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int) -> None:
         self._costs.observe(stage, rows, seconds)
-        self.metrics.stage_run(self.name, stage, rows, seconds)
-        self.metrics.samples_exited(self.name, stage, answered, answered * float(self.cum_flops[stage]),
-                                    answered * float(self.cum_flops[-1]))
+        self.metrics.stage_done(self.name, stage, rows, seconds, answered, answered * self._cum[stage],
+                                answered * self._cum[-1])
 
     def _abandon(self, req: PendingRequest) -> None:
         with self._cond:
@@ -332,7 +332,8 @@ class ModelScheduler:
     def _after_stage(self, stage: int, batch: Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
         n = len(batch)
         last = stage == self.num_stages - 1
-        exit_mask, labels, probs, state = exit_step(policy, stage, last, out, batch.state)
+        exit_mask, labels, probs, new_state = exit_step(policy, stage, last, out, batch.state)
+        state = batch.state if new_state is None else new_state  # the worker keeps the state: never None
         if not last:
             exit_mask &= ~batch.full
         alive = batch.alive()
