@@ -228,3 +228,27 @@ def test_cuda_engine_answers_like_the_cpu_engine(helper_bundle: Bundle) -> None:
     # onnxruntime's CUDA provider uses TF32 matmuls on Ampere and later: up to ~5e-3 from the CPU's FP32.
     np.testing.assert_allclose(gpu.probabilities, cpu.probabilities, atol=1e-2)
     _assert_same(gpu, gpu_together, atol=1e-2)  # TF32 kernels differ with the batch size
+
+
+@pytest.mark.parametrize("policy", [
+    ExitPolicy("max_prob", (0.55, 0.6), 1),  # stateless, score in the graph: one comparison on the direct path
+    ExitPolicy("patience", (2.0, 2.0), 1),  # needs the exit state
+    ExitPolicy("margin", (0.3, None), 1),
+])
+def test_the_direct_path_answers_as_the_worker_does(helper_bundle: Bundle, policy: ExitPolicy) -> None:
+    x = np.random.default_rng(7).uniform(0, 16, (40, 8, 8)).astype(np.float32)
+
+    async def answers(budget_ms: float) -> list[InferResult]:
+        engine = Engine([helper_bundle], _settings(inline_budget_ms=budget_ms), Metrics(),
+                        {helper_bundle.name: policy})
+        await engine.start()
+        try:
+            return [await engine.infer(helper_bundle.name, x[i:i + 1]) for i in range(len(x))]
+        finally:
+            await engine.stop()
+
+    direct, worker = asyncio.run(answers(50.0)), asyncio.run(answers(0.0))
+    for d, w in zip(direct, worker, strict=True):
+        assert d.labels.tolist() == w.labels.tolist() and d.exit_stage.tolist() == w.exit_stage.tolist()
+        np.testing.assert_allclose(d.probabilities, w.probabilities, rtol=1e-6)
+    assert len({int(r.exit_stage[0]) for r in direct}) > 1  # the case exercises more than one exit
