@@ -372,3 +372,55 @@ def test_workers_share_one_port_and_a_policy_change_reaches_all(bundle: Path, tm
         assert proc.terminate() == 0
     finally:
         proc.stop()
+
+
+# -- the guarded protocol on both of uvicorn's HTTP/1.1 parsers ------------------------------------
+
+
+@pytest.mark.parametrize("parser", ["h11", "httptools"])
+def test_both_parsers_cut_off_silent_and_slow_clients(parser: str) -> None:
+    import threading
+
+    import uvicorn
+
+    from server.http import connections
+
+    if parser == "httptools" and not connections.HAVE_HTTPTOOLS:
+        pytest.skip("httptools (the fast extra) is not installed")
+    base = connections.GuardedHttpToolsProtocol if parser == "httptools" else connections.GuardedH11Protocol
+    protocol = type(base.__name__, (base,), {"header_timeout_s": 0.3, "max_connections": 2})
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, lifespan="off",
+                                           log_level="warning", timeout_keep_alive=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(200):  # bounded: the server binds within milliseconds
+            if server.started:
+                break
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port)) as silent:
+            assert _closed_within(silent, CLOSE_BOUND_S)[0]  # no bytes at all: closed at the header deadline
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # headers never finish
+            assert _closed_within(slow, CLOSE_BOUND_S)[0]
+        with socket.create_connection(("127.0.0.1", port)) as ok:
+            ok.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _closed_within(ok, CLOSE_BOUND_S)[1].startswith(b"HTTP/1.1 200")
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as extra:
+                assert _closed_within(extra, CLOSE_BOUND_S)[1].startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in held:
+                sock.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
