@@ -25,8 +25,6 @@ from server.http import codec
 from server.interface import InferResult
 from server.jsonio import dumps
 
-MAX_BODY = 64 * 1024 * 1024
-
 
 def build_app(bundle_dir: Path, threads: int) -> Any:
     bundle = load_bundle(bundle_dir)
