@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -177,16 +178,17 @@ def serve(bundles: Sequence[Path], log_path: Path, *, flags: Sequence[str] = (),
           ready_timeout_s: float = 180.0) -> Iterator[str]:
     """Run `offramp serve` on 127.0.0.1 (a free port) until the block ends; yields its base URL.
 
-    The server gets its own empty state directory, so a policy persisted by an earlier run never
-    replaces the bundle's; it is stopped by its pid (SIGTERM, then SIGKILL after 30 s)."""
+    The server gets its own empty state directory (a temporary one, removed afterwards), so a policy
+    persisted by an earlier run never replaces the bundle's; it is stopped by its pid (SIGTERM, then
+    SIGKILL after 30 s)."""
     port = free_port()
-    state = log_path.parent / f".state-{port}"
-    cmd = [sys.executable, "-m", "offramp.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--state-dir", str(state), "--log-level", "warning", *flags]
-    for b in bundles:
-        cmd += ["--bundle", str(b)]
-    with run_server(cmd, port, log_path, "offramp serve", ready_timeout_s) as base:
-        yield base
+    with tempfile.TemporaryDirectory(prefix="offramp-state-") as state:
+        cmd = [sys.executable, "-m", "offramp.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--state-dir", state, "--log-level", "warning", *flags]
+        for b in bundles:
+            cmd += ["--bundle", str(b)]
+        with run_server(cmd, port, log_path, "offramp serve", ready_timeout_s) as base:
+            yield base
 
 
 @contextmanager
