@@ -91,10 +91,8 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
                on_stage: StageHook) -> InferResult:
     """Every row of `x` answered at its exit, running the stages here (see the module docstring)."""
     n = int(x.shape[0])
-    labels_out = np.empty(n, np.int64)
-    probs_out = np.empty((n, num_classes), np.float32)
-    stage_out = np.empty(n, np.int32)
     rows = np.arange(n)  # which request row each row of `hidden` is
+    labels_out = probs_out = stage_out = None  # made at the first partial exit
     hidden: Any = x
     state: ExitState | None = None  # made when a criterion needs it (exit_step)
     last = runner.num_stages - 1
@@ -106,11 +104,17 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)
         if leave.all():  # the common case at batch 1: everyone left here
-            labels_out[rows], probs_out[rows], stage_out[rows] = labels, probs, stage
             on_stage(stage, len(rows), seconds, len(rows))
+            if labels_out is None or probs_out is None or stage_out is None:  # nobody left earlier
+                return InferResult(labels.astype(np.int64, copy=False), probs, np.full(n, stage, np.int32))
+            labels_out[rows], probs_out[rows], stage_out[rows] = labels, probs, stage
             break
         exited = np.flatnonzero(leave)
         if len(exited):
+            if labels_out is None or probs_out is None or stage_out is None:
+                labels_out = np.empty(n, np.int64)
+                probs_out = np.empty((n, num_classes), np.float32)
+                stage_out = np.empty(n, np.int32)
             where = rows[exited]
             labels_out[where], probs_out[where], stage_out[where] = labels[exited], probs[exited], stage
         on_stage(stage, len(rows), seconds, len(exited))
@@ -120,4 +124,5 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
             hidden = runner.take(out.hidden, stay)
         else:
             hidden = out.hidden
+    assert labels_out is not None and probs_out is not None and stage_out is not None  # the last stage answers all
     return InferResult(labels_out, probs_out, stage_out)
