@@ -64,27 +64,30 @@ class StageCosts:
         return float(sum(m if m is not None else per_flop * f for m, f in zip(medians, self.flops, strict=True)))
 
 
-def exit_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs, state: ExitState | None,
-              keep_state: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExitState | None]:
+def exit_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
+              state: ExitState) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExitState]:
     """One stage's exit decision for its rows: (leave mask, labels, probabilities, next state). The
-    worker and the direct path both decide through here, so both answer alike.
-
-    `keep_state=False` (the direct path, whose policy cannot change mid-request): a criterion that
-    needs no exit state and whose score the graph computed is a plain comparison of that score, and
-    `state` may be None until a criterion needs it."""
+    worker and the direct path both decide through here, so both answer alike."""
     probs = out.probabilities()
     if last:
         return np.ones(len(probs), bool), out.predicted(), probs, state
-    threshold = policy.threshold(stage)
-    score = None if keep_state or CRITERIA[policy.criterion].stateful else out.in_graph_score(policy.criterion)
-    if score is not None and out.labels is not None:
-        cut = None if threshold is None else score_threshold(policy.criterion, threshold)
-        leave = np.zeros(len(probs), bool) if cut is None else score.astype(np.float64) >= cut
-        return leave, out.labels, probs, state
-    state = state if state is not None else ExitState.initial(len(probs))
-    leave, labels, state = decide(policy.criterion, threshold, out.logits, state, out.gate, out.similarity, probs,
-                                  stage, out.labels, out.max_prob)
+    leave, labels, state = decide(policy.criterion, policy.threshold(stage), out.logits, state, out.gate,
+                                  out.similarity, probs, stage, out.labels, out.max_prob)
     return leave, labels, probs, state
+
+
+def _direct_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
+                 state: ExitState | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, ExitState | None]:
+    """`exit_step` for the direct path, whose policy cannot change mid-request: a criterion that needs
+    no exit state and whose score the graph computed is one comparison of that score (the same cut
+    `exits.decide` applies), and the exit state is made only when a criterion needs it."""
+    score = None if last or CRITERIA[policy.criterion].stateful else out.in_graph_score(policy.criterion)
+    if score is not None and out.labels is not None:
+        threshold = policy.threshold(stage)
+        leave = (np.zeros(len(score), bool) if threshold is None
+                 else score.astype(np.float64) >= score_threshold(policy.criterion, threshold))
+        return leave, out.labels, out.probabilities(), state
+    return exit_step(policy, stage, last, out, state if state is not None else ExitState.initial(len(out)))
 
 
 def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: bool, num_classes: int,
@@ -100,7 +103,7 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
         started = time.perf_counter()
         out = runner.run(stage, hidden)
         seconds = time.perf_counter() - started
-        leave, labels, probs, state = exit_step(policy, stage, stage == last, out, state, keep_state=False)
+        leave, labels, probs, state = _direct_step(policy, stage, stage == last, out, state)
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)
         if leave.all():  # the common case at batch 1: everyone left here

@@ -62,6 +62,10 @@ class StageOutputs:
     labels: np.ndarray | None = None  # int64 [N], argmax of the logits
     max_prob: np.ndarray | None = None  # float32 [N], the max_prob criterion's score
 
+    def __len__(self) -> int:
+        """The rows of this run."""
+        return len(next(a for a in (self.labels, self.logits, self.probs) if a is not None))
+
     def probabilities(self) -> np.ndarray:
         if self.probs is not None:
             return self.probs

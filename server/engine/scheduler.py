@@ -332,8 +332,7 @@ class ModelScheduler:
     def _after_stage(self, stage: int, batch: Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
         n = len(batch)
         last = stage == self.num_stages - 1
-        exit_mask, labels, probs, new_state = exit_step(policy, stage, last, out, batch.state)
-        state = batch.state if new_state is None else new_state  # the worker keeps the state: never None
+        exit_mask, labels, probs, state = exit_step(policy, stage, last, out, batch.state)
         if not last:
             exit_mask &= ~batch.full
         alive = batch.alive()

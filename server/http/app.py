@@ -27,7 +27,7 @@ from server.errors import BundleError
 from server.http.admin import build_admin_router
 from server.http.bodies import install_error_handlers
 from server.http.connections import quiet_accept_errors
-from server.http.middleware import ServingMiddleware, route_methods
+from server.http.middleware import ServingMiddleware, closing, route_methods
 from server.http.v2 import infer_asgi, v2
 from server.interface import ServingEngine
 from server.metrics import Metrics
@@ -139,7 +139,7 @@ class OfframpApp(FastAPI):
         """`send`, adding `Connection: close` when draining started while the request ran."""
         async def wrapped(message: Any) -> None:
             if message["type"] == "http.response.start" and self.state.draining:
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                message = {**message, "headers": closing(list(message.get("headers", [])))}
             await send(message)
         return wrapped
 

@@ -203,19 +203,9 @@ def decode_infer_request(
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
         raise BadRequest(f"inputs must be a non-empty list of tensors; this model takes [{spec.name!r}]")
-    names = [t.get("name") for t in inputs]
-    extra = [n for n in names if n != spec.name]
-    if spec.name not in names:
-        raise BadRequest(f"missing input {spec.name!r} (got {names}); this model takes exactly that one")
-    if extra:
-        raise BadRequest(f"unexpected input(s) {extra}; this model takes exactly [{spec.name!r}]")
-    if len(names) > 1:
-        raise BadRequest(f"input {spec.name!r} given {len(names)} times")
+    check_input_names([t.get("name") for t in inputs], spec)
     tensor = inputs[0]
-
-    datatype = tensor.get("datatype")
-    if datatype != spec.dtype:
-        raise BadRequest(f"input {spec.name!r}: datatype {datatype!r} is not the model's {spec.dtype}")
+    check_datatype(tensor.get("datatype"), spec)
     dtype = NUMPY_DTYPES[spec.dtype]
     shape = check_shape(tensor, spec, max_samples)
 
@@ -242,10 +232,7 @@ def decode_infer_request(
         used = 0
     if len(tail) != used:
         raise BadRequest(f"{len(tail) - used} bytes after the JSON header are not claimed by any input")
-    if dtype.kind == "f" and not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x)))
-        raise BadRequest(f"input {spec.name!r}: {bad} value(s) are NaN or infinite")
-
+    check_finite(x, spec)
     return InferRequest(
         x=x, id=request_id, early_exit=early_exit, outputs=_requested_outputs(doc, binary_default)
     )
@@ -260,10 +247,7 @@ def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[Reques
     out: list[RequestedOutput] = []
     for item in requested:
         name = item.get("name")
-        if not isinstance(name, str) or name not in OUTPUTS:
-            raise BadRequest(f"unknown output {name!r}; this model has {list(OUTPUTS)}")
-        if any(o.name == name for o in out):
-            raise BadRequest(f"output {name!r} requested twice")
+        check_output_name(name, [o.name for o in out])
         where = f"output {name!r}"
         binary = _flag(_parameters(item, where), "binary_data", where, binary_default)
         out.append(RequestedOutput(name, binary))
@@ -274,7 +258,38 @@ def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[Reques
 # Responses
 
 
-def _output_array(name: str, result: InferResult) -> np.ndarray:
+def check_input_names(names: list[Any], spec: InputSpec) -> None:
+    """The request names exactly the model's one input (REST and gRPC)."""
+    extra = [n for n in names if n != spec.name]
+    if spec.name not in names:
+        raise BadRequest(f"missing input {spec.name!r} (got {names}); this model takes exactly that one")
+    if extra:
+        raise BadRequest(f"unexpected input(s) {extra}; this model takes exactly [{spec.name!r}]")
+    if len(names) > 1:
+        raise BadRequest(f"input {spec.name!r} given {len(names)} times")
+
+
+def check_datatype(datatype: Any, spec: InputSpec) -> None:
+    if datatype != spec.dtype:
+        raise BadRequest(f"input {spec.name!r}: datatype {datatype!r} is not the model's {spec.dtype}")
+
+
+def check_finite(x: np.ndarray, spec: InputSpec) -> None:
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = int(np.count_nonzero(~np.isfinite(x)))
+        raise BadRequest(f"input {spec.name!r}: {bad} value(s) are NaN or infinite")
+
+
+def check_output_name(name: Any, seen: list[str]) -> None:
+    """`name` is one of OUTPUTS, and not among those already requested (`seen`)."""
+    if not isinstance(name, str) or name not in OUTPUTS:
+        raise BadRequest(f"unknown output {name!r}; this model has {list(OUTPUTS)}")
+    if name in seen:
+        raise BadRequest(f"output {name!r} requested twice")
+
+
+def output_array(name: str, result: InferResult) -> np.ndarray:
+    """An answer's output as the little-endian array the protocol sends."""
     source = {"label": result.labels, "probabilities": result.probabilities, "exit_stage": result.exit_stage}
     return np.ascontiguousarray(source[name], dtype=OUTPUTS[name][1])
 
@@ -286,7 +301,7 @@ def encode_infer_response(
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for want in request.outputs or [RequestedOutput(n, False) for n in OUTPUTS]:
-        arr = _output_array(want.name, result)
+        arr = output_array(want.name, result)
         entry: dict[str, Any] = {
             "name": want.name, "datatype": OUTPUTS[want.name][0], "shape": list(arr.shape),
         }

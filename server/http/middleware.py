@@ -62,8 +62,7 @@ class ServingMiddleware:
                     headers = [h for h in headers if h[0].lower() != b"allow"]
                     headers.append((b"allow", ", ".join(sorted(allowed)).encode()))
                 if draining or self.draining():
-                    headers = [h for h in headers if h[0].lower() != b"connection"]
-                    headers.append((b"connection", b"close"))
+                    headers = closing(headers)
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -72,6 +71,11 @@ class ServingMiddleware:
             await _answer(send, 204, None, [(b"allow", ", ".join(sorted(allowed)).encode())])
             return
         await self.app(scope, receive, send_wrapper)
+
+
+def closing(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Response headers telling the client to close the connection (the server is draining)."""
+    return [h for h in headers if h[0].lower() != b"connection"] + [(b"connection", b"close")]
 
 
 async def _answer(send: Send, status: int, doc: dict[str, str] | None, headers: list[tuple[bytes, bytes]]) -> None:

@@ -193,7 +193,7 @@ INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
 async def infer_asgi(state: Any, scope: dict[str, Any], receive: Any, send: Any) -> bool:
-    """The infer route without the framework: a raw ASGI handler that the app's middleware tries
+    """The infer route without the framework: a raw ASGI handler that the app (`OfframpApp`) tries
     first (FastAPI's routing, request object and response classes cost more server CPU per request
     than the engine does on a small model). Same decoding, engine, errors and metrics as `infer`.
     False when the request is not an infer request."""
