@@ -24,6 +24,7 @@ with the full-depth label and fed to the metrics.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -59,8 +60,7 @@ class ModelScheduler:
         self.runner = runner
         self.num_stages = runner.num_stages
         self.num_classes = num_classes
-        self.cum_flops = np.cumsum(np.asarray(flops, dtype=np.float64))
-        self._cum = [float(c) for c in self.cum_flops]  # as Python floats: no numpy scalars per stage
+        self.cum_flops = list(itertools.accumulate(float(f) for f in flops))  # FLOPs per sample up to each stage
         self.settings = settings
         self.metrics = metrics
         self._policy = policy
@@ -193,8 +193,8 @@ class ModelScheduler:
 
     def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int) -> None:
         self._costs.observe(stage, rows, seconds)
-        self.metrics.stage_done(self.name, stage, rows, seconds, answered, answered * self._cum[stage],
-                                answered * self._cum[-1])
+        self.metrics.stage_done(self.name, stage, rows, seconds, answered, answered * self.cum_flops[stage],
+                                answered * self.cum_flops[-1])
 
     def _abandon(self, req: PendingRequest) -> None:
         with self._cond:
@@ -374,8 +374,8 @@ class ModelScheduler:
         # Wake the event loop only once the lock is free: its next submit must not wait for us.
         for req in finished:
             post_result(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
-        self.metrics.samples_exited(self.name, stage, answered, answered * float(self.cum_flops[stage]),
-                                    answered * float(self.cum_flops[-1]))
+        self.metrics.samples_exited(self.name, stage, answered, answered * self.cum_flops[stage],
+                                    answered * self.cum_flops[-1])
 
     def _after_shadow(self, stage: int, batch: Chunk, out: StageOutputs) -> None:
         if stage == self.num_stages - 1:
