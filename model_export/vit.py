@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.heads import ExitHead, build_head, head_class
-from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY
+from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
+
+PIXELS = "pixels"
 
 
 @dataclass(frozen=True)
@@ -231,13 +233,39 @@ class MultiExitViT(nn.Module):
             for i in range(n)
         ]
 
+    # -- model_export.protocol.MultiExitModel ------------------------------------------------------
+
+    family = "vit"
+    input_name = PIXELS
+
     @property
     def num_stages(self) -> int:
         return len(self.stage_blocks)
 
     @property
+    def head_kind(self) -> str:
+        return self.cfg.head
+
+    @property
     def has_gate(self) -> bool:
         return bool(self.heads[0].has_gate)
+
+    def input_specs(self) -> list[TensorSpec]:
+        cfg = self.cfg
+        shape = [-1, *cfg.img_size] if cfg.in_chans == 1 else [-1, cfg.in_chans, *cfg.img_size]
+        return [TensorSpec(name=self.input_name, shape=shape, dtype="FP32")]
+
+    def stage_input_names(self, i: int) -> list[str]:
+        return [self.input_name if i == 0 else HIDDEN_IN]
+
+    def dynamic_axes(self, name: str) -> dict[int, str]:
+        return {0: "batch"}
+
+    def segment(self, i: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.forward_segment(i, inputs[self.stage_input_names(i)[0]])
+
+    def exits(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self(inputs[self.input_name])
 
     def output_names(self, i: int) -> list[str]:
         """Names of what stage i outputs, in order (server/bundle.py's fixed names)."""

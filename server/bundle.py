@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CALIBRATION = "calibration.npz"
 REFERENCE = "reference.onnx"
+TOKENIZER = "tokenizer.json"
 
 HIDDEN_IN = "hidden_in"
 HIDDEN = "hidden"
@@ -80,6 +81,18 @@ class StageSpec(_Strict):
     flops: int = Field(ge=0, description="FLOPs per sample of this stage, its exit head included.")
     params: int = Field(ge=0, description="Parameters of this stage, its exit head included.")
     head: str = Field("linear", description="Exit head kind (informational).")
+    flops_curve: list[float] | None = Field(
+        None, min_length=3, max_length=3,
+        description="Text models: FLOPs per sample as c0 + c1 T + c2 T^2 in the row's token count T "
+        "(`flops` is this at the validation split's mean length).")
+
+    def flops_at(self, tokens: np.ndarray) -> np.ndarray:
+        """FLOPs per row for rows of `tokens` real tokens (`flops` for every row without a curve)."""
+        if self.flops_curve is None:
+            return np.full(len(tokens), float(self.flops))
+        c0, c1, c2 = self.flops_curve
+        t = tokens.astype(np.float64)
+        return c0 + c1 * t + c2 * t * t
 
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
@@ -100,6 +113,15 @@ class ReferenceSpec(_Strict):
     outputs: list[str] = Field(description="Logits of every exit, in stage order.")
 
 
+class TextSpec(_Strict):
+    """Text models: the tokenizer the bundle ships and how the server applies it (server/text.py)."""
+
+    file: str = TOKENIZER
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    max_length: int = Field(ge=2, description="Token rows are truncated to this many tokens, specials included.")
+    input: str = Field("text", description="The V2 BYTES input carrying the sentences.")
+
+
 class Manifest(_Strict):
     format_version: int
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -107,6 +129,11 @@ class Manifest(_Strict):
     task: Literal["classification"] = "classification"
     labels: list[str]
     input: InputSpec
+    extra_inputs: list[TensorSpec] = Field(
+        default_factory=list,
+        description="Model inputs after `input` (a text model's attention_mask): stage 0 takes them beside "
+        "`input`, every later stage beside `hidden_in`, unchanged.")
+    text: TextSpec | None = None
     stages: list[StageSpec] = Field(min_length=1)
     default_policy: ExitPolicy = Field(description="One threshold per early exit; stored without a version.")
     accuracy: AccuracySpec
@@ -130,10 +157,10 @@ class Manifest(_Strict):
         for i, stage in enumerate(self.stages):
             if stage.index != i:
                 problems.append(f"stage {i} has index {stage.index}")
-            want_in = self.input.name if i == 0 else HIDDEN_IN
-            if [t.name for t in stage.inputs] != [want_in]:
+            want_in = [self.input.name if i == 0 else HIDDEN_IN, *(t.name for t in self.extra_inputs)]
+            if [t.name for t in stage.inputs] != want_in:
                 got = [t.name for t in stage.inputs]
-                problems.append(f"stage {i} inputs must be [{want_in!r}], got {got}")
+                problems.append(f"stage {i} inputs must be {want_in}, got {got}")
             names = stage.output_names()
             if names[:2] != [HIDDEN, LOGITS] or any(n not in OPTIONAL_OUTPUTS for n in names[2:]):
                 problems.append(
@@ -149,6 +176,10 @@ class Manifest(_Strict):
                 f"default_policy has {len(self.default_policy.thresholds)} thresholds, "
                 f"expected {len(self.stages) - 1} (one per early exit)"
             )
+        if self.text is not None and self.extra_inputs[:1] != [] and self.extra_inputs[0].name != "attention_mask":
+            problems.append("a text model's extra input must be 'attention_mask'")
+        if self.text is not None and not self.extra_inputs:
+            problems.append("a text model takes 'attention_mask' beside its token ids (extra_inputs)")
         if len(self.accuracy.per_stage) != len(self.stages):
             problems.append(
                 f"accuracy.per_stage has {len(self.accuracy.per_stage)} entries for {len(self.stages)} stages"
@@ -164,6 +195,10 @@ class Manifest(_Strict):
     @property
     def num_classes(self) -> int:
         return len(self.labels)
+
+    @property
+    def model_inputs(self) -> list[TensorSpec]:
+        return [self.input, *self.extra_inputs]
 
     def cumulative_flops(self) -> list[int]:
         out, total = [], 0
@@ -317,6 +352,8 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
     ]
     if manifest.reference is not None:
         files.append((manifest.reference.file, manifest.reference.sha256, None, None))
+    if manifest.text is not None:
+        files.append((manifest.text.file, manifest.text.sha256, None, None))
     for file, sha, inputs, outputs in files:
         path = root / file
         if not path.is_file():

@@ -13,6 +13,7 @@ import numpy as np
 
 from server.bundle import Bundle
 from server.policy import ExitPolicy
+from server.text import TokenRows
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class ServingEngine(Protocol):
 
     async def stop(self, drain: bool = True) -> None: ...
 
-    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True,
+    async def infer(self, model: str, x: np.ndarray | TokenRows, *, early_exit: bool = True,
                     direct: bool = True) -> InferResult:
-        """Every sample of `x` answered at its exit. `direct=False`: never on the caller's thread
-        (the caller has other work the worker thread could overlap with)."""
+        """Every sample of `x` (token rows for text models) answered at its exit. `direct=False`:
+        never on the caller's thread (the caller has other work the worker thread could overlap with)."""
         ...

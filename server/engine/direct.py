@@ -23,13 +23,39 @@ from server.engine.runtime import StageOutputs, StageRunner
 from server.exits import CRITERIA, ExitState, decide, score_threshold
 from server.interface import InferResult
 from server.policy import ExitPolicy
+from server.text import TokenRows
 
 DIRECT_MAX_ROWS = 4  # larger requests go to the worker: they are worth batching with others
 WINDOW = 9  # stage runs remembered per stage
 REESTIMATE_EVERY = 16
 
-# (stage, rows run, seconds, rows answered there)
-StageHook = Callable[[int, int, float, int], None]
+# (stage, rows run, seconds, rows answered there, their token counts for text models)
+StageHook = Callable[[int, int, float, int, "np.ndarray | None"], None]
+
+
+class FlopCounts:
+    """FLOPs answered rows cost up to their exit, and would have cost at full depth: FLOPs per sample
+    per stage, or for text models each stage's curve in the row's token count (`StageSpec.flops_curve`)."""
+
+    def __init__(self, flops: list[int], curves: list[list[float] | None] | None = None):
+        self.cum = np.cumsum(np.asarray(flops, dtype=np.float64))
+        self.curves = None
+        if curves is not None and all(c is not None for c in curves):
+            self.curves = np.cumsum(np.asarray(curves, dtype=np.float64), axis=0)  # [S, 3], cumulative
+
+    def of(self, stage: int, count: int, tokens: np.ndarray | None = None) -> tuple[float, float]:
+        """(executed, full depth) FLOPs of `count` rows answered at `stage`."""
+        if self.curves is None or tokens is None:
+            return count * float(self.cum[stage]), count * float(self.cum[-1])
+        t = tokens.astype(np.float64)
+        powers = np.stack([np.ones_like(t), t, t * t])  # [3, n]
+        per_row = self.curves @ powers  # [S, n]
+        return float(per_row[stage].sum()), float(per_row[-1].sum())
+
+
+def row_tokens(x: Any) -> np.ndarray | None:
+    """Real tokens per row of a stage input (text models), else None."""
+    return x.lengths() if isinstance(x, TokenRows) else None
 
 
 class StageCosts:
@@ -93,7 +119,7 @@ def _direct_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
 def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: bool, num_classes: int,
                on_stage: StageHook) -> InferResult:
     """Every row of `x` answered at its exit, running the stages here (see the module docstring)."""
-    n = int(x.shape[0])
+    n = len(x)
     rows = np.arange(n)  # which request row each row of `hidden` is
     labels_out = probs_out = stage_out = None  # made at the first partial exit
     hidden: Any = x
@@ -106,8 +132,9 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
         leave, labels, probs, state = _direct_step(policy, stage, stage == last, out, state)
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)
+        tokens = row_tokens(hidden)
         if leave.all():  # the common case at batch 1: everyone left here
-            on_stage(stage, len(rows), seconds, len(rows))
+            on_stage(stage, len(rows), seconds, len(rows), tokens)
             if labels_out is None or probs_out is None or stage_out is None:  # nobody left earlier
                 return InferResult(labels.astype(np.int64, copy=False), probs, np.full(n, stage, np.int32))
             labels_out[rows], probs_out[rows], stage_out[rows] = labels, probs, stage
@@ -120,7 +147,7 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
                 stage_out = np.empty(n, np.int32)
             where = rows[exited]
             labels_out[where], probs_out[where], stage_out[where] = labels[exited], probs[exited], stage
-        on_stage(stage, len(rows), seconds, len(exited))
+        on_stage(stage, len(rows), seconds, len(exited), None if tokens is None else tokens[exited])
         if len(exited):
             stay = np.flatnonzero(~leave)
             rows, state = rows[stay], None if state is None else state.take(stay)

@@ -23,6 +23,7 @@ from server.interface import InferResult
 from server.metrics import Metrics
 from server.policy import ExitPolicy
 from server.settings import Settings
+from server.text import TokenRows, check_mask
 
 __all__ = ["Engine", "InferResult", "RunnerFactory"]
 
@@ -75,6 +76,7 @@ class Engine:
                 scheduler = ModelScheduler(
                     name, runner, flops=[s.flops for s in m.stages], num_classes=m.num_classes,
                     settings=self.settings, metrics=self.metrics, policy=self._policies[name],
+                    flop_curves=[s.flops_curve for s in m.stages],
                 )  # from here on the scheduler owns the live policy
                 scheduler.start()
                 self._schedulers[name] = scheduler
@@ -135,14 +137,25 @@ class Engine:
         runner = None if scheduler is None else scheduler.runner
         return getattr(runner, "device", "cpu") if runner is not None else "stopped"
 
-    async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True,
+    async def infer(self, model: str, x: np.ndarray | TokenRows, *, early_exit: bool = True,
                     direct: bool = True) -> InferResult:
-        """Answer every sample of `x` (its first axis), each at the stage where it may exit.
+        """Answer every sample of `x` (its first axis), each at the stage where it may exit. Text
+        models take `TokenRows` (token ids and attention mask, server/text.py).
 
         Raises BadRequest (shape), NotFound (model), NotReady (not started / stopping),
         Overloaded (queue full), RequestTimeout (request_timeout_s), OfframpError 500 (runtime).
         """
         bundle = self.bundle(model)
+        text = bundle.manifest.text
+        if text is not None or isinstance(x, TokenRows):
+            if text is None or not isinstance(x, TokenRows):
+                raise BadRequest(f"model {model!r} takes " + ("token rows" if text is not None else "arrays"))
+            check_mask(x.data, x.mask, text.max_length)
+            scheduler = self._schedulers.get(model)
+            if scheduler is None:
+                raise NotReady(f"model {model!r} is not serving (not started yet, or shutting down)")
+            rows = TokenRows(np.ascontiguousarray(x.data, np.int64), np.ascontiguousarray(x.mask, np.int64))
+            return await scheduler.submit(rows, early_exit=early_exit, direct=direct)
         spec = bundle.manifest.input
         want = tuple(spec.shape[1:])
         if x.shape[1:] != want and (  # the fast test first: most inputs have fixed sample shapes

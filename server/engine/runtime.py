@@ -15,6 +15,13 @@ depends on the device strategy:
 
 Stage 0's input always arrives as a host array (the request's tensor); `take`/`concat` treat host
 arrays with numpy whatever the strategy.
+
+Text models (`Manifest.extra_inputs` = the attention mask) pass `server.text.TokenRows` instead:
+the ids or hidden state with the mask beside it (the mask always on the host: it is small). Every
+stage is fed both; `take` trims the padding columns the remaining rows do not need, and `concat`
+pads rows of different lengths to the longest, so survivors of batches with different lengths run
+as one batch. On CUDA the hidden state stays on the device: rows are gathered, trimmed and padded
+there by tiny Gather / Slice / Pad + Concat graphs.
 """
 
 from __future__ import annotations
@@ -30,16 +37,16 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY, Bundle
+from server.engine.device import CPU_PROVIDER, CUDA_PROVIDER, HELPER_OPSET, OrtValueOps, providers_for
 from server.exits import softmax
 from server.settings import Settings
+from server.text import ATTENTION_MASK, TokenRows, pad_concat, trim
+
+__all__ = ["CPU_PROVIDER", "CUDA_PROVIDER", "DeviceError", "NumpyOps", "OrtStageRunner", "StageOutputs",
+           "StageRunner", "open_session", "providers_for", "resolve_device", "session_options"]
 
 log = logging.getLogger("offramp.runtime")
 
-CUDA_PROVIDER = "CUDAExecutionProvider"
-CPU_PROVIDER = "CPUExecutionProvider"
-# Opset and IR version of the helper graphs: old enough for every onnxruntime >= 1.17.
-HELPER_OPSET = 13
-HELPER_IR_VERSION = 8
 
 
 class DeviceError(RuntimeError):
@@ -134,46 +141,6 @@ def open_session(path: str | Path, *, device: str = "cpu", intra_op_threads: int
     return ort.InferenceSession(str(path), ort_session_options(intra_op_threads), providers=providers_for(device))
 
 
-def providers_for(device: str, device_id: int = 0, conv_algo_search: str = "HEURISTIC") -> list[Any]:
-    if device == "cuda":
-        # EXHAUSTIVE (onnxruntime's default) benchmarks cuDNN convolution algorithms again whenever
-        # the input shape changes; with dynamic batching every batch size is a new shape, and stage 0
-        # (patch embedding) then costs milliseconds instead of microseconds.
-        options = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
-        return [(CUDA_PROVIDER, options), CPU_PROVIDER]
-    return [CPU_PROVIDER]
-
-
-def _dims(rank: int, first: str) -> list[str | None]:
-    return [first] + [None] * (rank - 1)
-
-
-def gather_model(elem_type: int, rank: int) -> onnx.ModelProto:
-    """`out = data[indices]` along axis 0 (`data` of the given rank, any sizes)."""
-    graph = helper.make_graph(
-        [helper.make_node("Gather", ["data", "indices"], ["out"], axis=0)],
-        "offramp_gather_rows",
-        [helper.make_tensor_value_info("data", elem_type, _dims(rank, "n")),
-         helper.make_tensor_value_info("indices", TensorProto.INT64, ["m"])],
-        [helper.make_tensor_value_info("out", elem_type, _dims(rank, "m"))],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
-                             ir_version=HELPER_IR_VERSION, producer_name="offramp")
-
-
-def concat_model(count: int, elem_type: int, rank: int) -> onnx.ModelProto:
-    """`out = concat(in_0 ... in_{count-1})` along axis 0."""
-    names = [f"in_{i}" for i in range(count)]
-    graph = helper.make_graph(
-        [helper.make_node("Concat", names, ["out"], axis=0)],
-        f"offramp_concat_{count}",
-        [helper.make_tensor_value_info(n, elem_type, _dims(rank, f"n{i}")) for i, n in enumerate(names)],
-        [helper.make_tensor_value_info("out", elem_type, _dims(rank, "m"))],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", HELPER_OPSET)],
-                             ir_version=HELPER_IR_VERSION, producer_name="offramp")
-
-
 PROBS, LABEL, MAX_PROB = "offramp_probs", "offramp_label", "offramp_max_prob"
 SCORES = (PROBS, LABEL, MAX_PROB)
 
@@ -214,69 +181,20 @@ def _stage_session(path: Path, options: ort.SessionOptions, providers: list[Any]
 
 
 class NumpyOps:
-    """Hidden states as host numpy arrays."""
-
-    def take(self, hidden: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return hidden[rows]
-
-    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-
-    def rows(self, hidden: np.ndarray) -> int:
-        return int(hidden.shape[0])
-
-
-class OrtValueOps:
-    """Hidden states as OrtValues on a device; rows gathered and merged there by tiny graphs."""
-
-    def __init__(self, device_type: str, device_id: int, options: ort.SessionOptions):
-        self.device_type = device_type
-        self.device_id = device_id
-        self._options = options
-        self._providers = providers_for("cuda" if device_type == "cuda" else "cpu", device_id)
-        self._gather: dict[tuple[int, int], ort.InferenceSession] = {}  # (elem type, rank)
-        self._concat: dict[tuple[int, int, int], ort.InferenceSession] = {}  # (count, elem type, rank)
-
-    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return ort.InferenceSession(model.SerializeToString(), self._options, providers=self._providers)
-
-    def to_device(self, array: np.ndarray) -> ort.OrtValue:
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+    """Hidden states as host numpy arrays (or `TokenRows` of them)."""
 
     def take(self, hidden: Any, rows: np.ndarray) -> Any:
-        if isinstance(hidden, np.ndarray):
-            return hidden[rows]
-        rows = np.ascontiguousarray(rows, dtype=np.int64)
-        key = (hidden.element_type(), len(hidden.shape()))
-        sess = self._gather.get(key)
-        if sess is None:
-            sess = self._gather[key] = self._session(gather_model(*key))
-        binding = sess.io_binding()
-        binding.bind_ortvalue_input("data", hidden)
-        binding.bind_cpu_input("indices", rows)  # a few bytes; onnxruntime copies them up
-        binding.bind_output("out", self.device_type, self.device_id)
-        sess.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        if isinstance(hidden, TokenRows):
+            return trim(TokenRows(hidden.data[rows], hidden.mask[rows]))
+        return hidden[rows]
 
     def concat(self, parts: list[Any]) -> Any:
-        if len(parts) == 1:
-            return parts[0]
-        if all(isinstance(p, np.ndarray) for p in parts):
-            return np.concatenate(parts, axis=0)
-        values = [self.to_device(p) if isinstance(p, np.ndarray) else p for p in parts]
-        key = (len(values), values[0].element_type(), len(values[0].shape()))
-        sess = self._concat.get(key)
-        if sess is None:
-            sess = self._concat[key] = self._session(concat_model(*key))
-        binding = sess.io_binding()
-        for i, v in enumerate(values):
-            binding.bind_ortvalue_input(f"in_{i}", v)
-        binding.bind_output("out", self.device_type, self.device_id)
-        sess.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        if isinstance(parts[0], TokenRows):
+            return pad_concat(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def rows(self, hidden: Any) -> int:
-        return int(hidden.shape[0] if isinstance(hidden, np.ndarray) else hidden.shape()[0])
+        return len(hidden) if isinstance(hidden, TokenRows) else int(hidden.shape[0])
 
 
 class OrtStageRunner:
@@ -323,6 +241,12 @@ class OrtStageRunner:
         if isinstance(self.ops, OrtValueOps):
             return self._run_bound(stage, x)
         names = ([HIDDEN] if stage < self.num_stages - 1 else []) + self._small[stage]
+        if isinstance(x, TokenRows):
+            feed = {self._inputs[stage]: x.data, ATTENTION_MASK: x.mask}
+            values = dict(zip(names, self.sessions[stage].run(names, feed), strict=True))
+            if HIDDEN in values:
+                values[HIDDEN] = TokenRows(values[HIDDEN], x.mask)
+            return self._outputs(values)
         values = dict(zip(names, self.sessions[stage].run(names, {self._inputs[stage]: x}), strict=True))
         return self._outputs(values)
 
@@ -331,6 +255,11 @@ class OrtStageRunner:
         assert isinstance(ops, OrtValueOps)
         sess = self.sessions[stage]
         binding = sess.io_binding()
+        mask = None
+        if isinstance(x, TokenRows):
+            mask = x.mask
+            binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(mask))
+            x = x.data
         if isinstance(x, np.ndarray):
             binding.bind_cpu_input(self._inputs[stage], np.ascontiguousarray(x))
         else:
@@ -346,6 +275,8 @@ class OrtStageRunner:
         values: dict[str, Any] = dict(zip(names, binding.get_outputs(), strict=True))
         for name in names[1:] if names[0] == HIDDEN else names:
             values[name] = np.array(values[name].numpy(), copy=True)
+        if mask is not None and HIDDEN in values:
+            values[HIDDEN] = TokenRows(values[HIDDEN], mask)
         return self._outputs(values)
 
     @staticmethod

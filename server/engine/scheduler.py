@@ -24,7 +24,6 @@ with the full-depth label and fed to the metrics.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from server.engine.direct import DIRECT_MAX_ROWS, StageCosts, exit_step, run_direct
+from server.engine.direct import DIRECT_MAX_ROWS, FlopCounts, StageCosts, exit_step, row_tokens, run_direct
 from server.engine.rows import Batch, Chunk, PendingRequest, by_request, merge, post_result
 from server.engine.runtime import StageOutputs, StageRunner
 from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
@@ -50,7 +49,8 @@ class ModelScheduler:
     """Queues, worker thread and exit decisions of one model."""
 
     def __init__(self, name: str, runner: StageRunner, *, flops: list[int], num_classes: int,
-                 settings: Settings, metrics: Metrics, policy: ExitPolicy, seed: int | None = None):
+                 settings: Settings, metrics: Metrics, policy: ExitPolicy, seed: int | None = None,
+                 flop_curves: list[list[float] | None] | None = None):
         if len(flops) != runner.num_stages:
             raise ValueError(f"{name}: {len(flops)} FLOP counts for {runner.num_stages} stages")
         if len(policy.thresholds) != runner.num_stages - 1:
@@ -60,7 +60,7 @@ class ModelScheduler:
         self.runner = runner
         self.num_stages = runner.num_stages
         self.num_classes = num_classes
-        self.cum_flops = list(itertools.accumulate(float(f) for f in flops))  # FLOPs per sample up to each stage
+        self.flop_counts = FlopCounts(flops, flop_curves)  # FLOPs per answered row, by token count for text
         self.settings = settings
         self.metrics = metrics
         self._policy = policy
@@ -68,9 +68,7 @@ class ModelScheduler:
         self._cond = threading.Condition()
         self._queues: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
         self._shadow: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
-        # -1 forces the first report, so every stage's depth gauge exists (at 0) from the start:
-        # an autoscaler reading it must not see "no data" before the first request.
-        self._reported_depths = [-1] * self.num_stages
+        self._reported_depths = [-1] * self.num_stages  # -1: every gauge is reported (at 0) from the start
         self._load = 0  # request rows waiting or in flight (admission bound)
         self._shadow_load = 0
         self._accepting = False
@@ -119,8 +117,8 @@ class ModelScheduler:
 
     # ---- request side ----------------------------------------------------------------------------
 
-    async def submit(self, x: np.ndarray, *, early_exit: bool = True, direct: bool = True) -> InferResult:
-        n = int(x.shape[0])
+    async def submit(self, x: Any, *, early_exit: bool = True, direct: bool = True) -> InferResult:
+        n = len(x)
         if n == 0:
             return InferResult(np.zeros(0, np.int64), np.zeros((0, self.num_classes), np.float32),
                                np.zeros(0, np.int32))
@@ -191,10 +189,11 @@ class ModelScheduler:
                 if self._load or any(self._shadow):  # the worker waits only if there is work for it
                     self._cond.notify_all()
 
-    def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int) -> None:
+    def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int,
+                           tokens: np.ndarray | None) -> None:
         self._costs.observe(stage, rows, seconds)
-        self.metrics.stage_done(self.name, stage, rows, seconds, answered, answered * self.cum_flops[stage],
-                                answered * self.cum_flops[-1])
+        self.metrics.stage_done(self.name, stage, rows, seconds, answered,
+                                *self.flop_counts.of(stage, answered, tokens))
 
     def _abandon(self, req: PendingRequest) -> None:
         with self._cond:
@@ -316,7 +315,7 @@ class ModelScheduler:
             if shadow:
                 self._after_shadow(stage, batch.meta, out)
             else:
-                self._after_stage(stage, batch.meta, out, policy)
+                self._after_stage(stage, batch.meta, out, policy, row_tokens(x))
         except Exception as err:  # an onnxruntime failure fails these requests, not the worker
             log.exception("%s: stage %d failed on a batch of %d", self.name, stage, len(batch))
             with self._cond:
@@ -329,7 +328,8 @@ class ModelScheduler:
                 self._report_depths()
                 self._cond.notify_all()
 
-    def _after_stage(self, stage: int, batch: Chunk, out: StageOutputs, policy: ExitPolicy) -> None:
+    def _after_stage(self, stage: int, batch: Chunk, out: StageOutputs, policy: ExitPolicy,
+                     tokens: np.ndarray | None) -> None:
         n = len(batch)
         last = stage == self.num_stages - 1
         exit_mask, labels, probs, state = exit_step(policy, stage, last, out, batch.state)
@@ -351,10 +351,11 @@ class ModelScheduler:
                                 pick)
         finished: list[PendingRequest] = []
         with self._cond:
-            answered = 0
+            answered, answered_rows = 0, []
             for req, rows in by_request(batch.owners, np.flatnonzero(exit_mask)):
                 if req.done:
                     continue
+                answered_rows.append(rows)
                 j = batch.sample[rows]  # whole-array writes: no per-sample Python on big batches
                 req.labels[j], req.probs[j], req.exit_stage[j] = labels[rows], probs[rows], stage
                 req.remaining -= len(rows)
@@ -374,8 +375,8 @@ class ModelScheduler:
         # Wake the event loop only once the lock is free: its next submit must not wait for us.
         for req in finished:
             post_result(req.loop, req.future, InferResult(req.labels, req.probs, req.exit_stage), None)
-        self.metrics.samples_exited(self.name, stage, answered, answered * self.cum_flops[stage],
-                                    answered * self.cum_flops[-1])
+        tokens = None if tokens is None or not answered else tokens[np.concatenate(answered_rows)]
+        self.metrics.samples_exited(self.name, stage, answered, *self.flop_counts.of(stage, answered, tokens))
 
     def _after_shadow(self, stage: int, batch: Chunk, out: StageOutputs) -> None:
         if stage == self.num_stages - 1:

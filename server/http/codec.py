@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from server import __version__, jsonio
-from server.bundle import NUMPY_DTYPES, InputSpec, Manifest
+from server.bundle import NUMPY_DTYPES, Bundle, InputSpec, Manifest
 from server.errors import BadRequest
+from server.http import text_codec
 from server.interface import InferResult
+from server.text import TokenRows
 
 INFER_HEADER = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
@@ -49,9 +51,9 @@ class RequestedOutput:
 
 @dataclass(frozen=True)
 class InferRequest:
-    """A decoded, validated infer request: `x` is ready for the engine."""
+    """A decoded, validated infer request: `x` is ready for the engine (token rows for text models)."""
 
-    x: np.ndarray
+    x: np.ndarray | TokenRows
     id: str | None = None
     early_exit: bool = True
     outputs: list[RequestedOutput] = field(default_factory=list)
@@ -63,11 +65,15 @@ def server_metadata() -> dict[str, Any]:
 
 def model_metadata(manifest: Manifest) -> dict[str, Any]:
     spec = manifest.input
+    inputs = [{"name": spec.name, "datatype": spec.dtype, "shape": list(spec.shape)}]
+    text_params: dict[str, Any] = {}
+    if manifest.text is not None:
+        inputs, text_params = text_codec.input_metadata(manifest)
     return {
         "name": manifest.name,
         "versions": [manifest.version],
         "platform": PLATFORM,
-        "inputs": [{"name": spec.name, "datatype": spec.dtype, "shape": list(spec.shape)}],
+        "inputs": inputs,
         "outputs": [
             {"name": "label", "datatype": "INT64", "shape": [-1]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, manifest.num_classes]},
@@ -78,12 +84,12 @@ def model_metadata(manifest: Manifest) -> dict[str, Any]:
             "labels": list(manifest.labels),
             "exit_criterion": manifest.default_policy.criterion,
             "preprocessing": spec.preprocessing,
+            **text_params,
         },
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Requests
+# -- requests ---------------------------------------------------------------------------------
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -186,20 +192,32 @@ def array_from_bytes(buf: memoryview, spec: InputSpec, shape: tuple[int, ...], d
     return arr
 
 
+def decode_request(body: bytes, header_length: str | None, bundle: Bundle, *, max_samples: int) -> InferRequest:
+    """Decode and validate a V2 infer request body for a bundle (array or text model, text_codec.py)."""
+    if bundle.manifest.text is None:
+        return decode_infer_request(body, header_length, bundle.manifest.input, max_samples=max_samples)
+    raw_json, tail = split_body(body, header_length)
+    request_id, early_exit, binary_default = _envelope(doc := _json_object(raw_json))
+    rows = text_codec.decode_text_body(bundle, doc.get("inputs"), tail, header_length is not None, max_samples)
+    return InferRequest(rows, request_id, early_exit, _requested_outputs(doc, binary_default))
+
+
+def _envelope(doc: dict[str, Any]) -> tuple[str | None, bool, bool]:
+    """The request's id, early_exit flag and binary_data_output default."""
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"id must be a string, got {request_id!r}")
+    params = _parameters(doc, "request")
+    return (request_id, _flag(params, "early_exit", "request", True),
+            _flag(params, "binary_data_output", "request", False))
+
+
 def decode_infer_request(
     body: bytes, header_length: str | None, spec: InputSpec, *, max_samples: int
 ) -> InferRequest:
     """Decode and validate a V2 infer request body against a model's input spec."""
     raw_json, tail = split_body(body, header_length)
-    doc = _json_object(raw_json)
-
-    request_id = doc.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest(f"id must be a string, got {request_id!r}")
-    params = _parameters(doc, "request")
-    early_exit = _flag(params, "early_exit", "request", True)
-    binary_default = _flag(params, "binary_data_output", "request", False)
-
+    request_id, early_exit, binary_default = _envelope(doc := _json_object(raw_json))
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
         raise BadRequest(f"inputs must be a non-empty list of tensors; this model takes [{spec.name!r}]")
@@ -254,8 +272,7 @@ def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[Reques
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Responses
+# -- responses --------------------------------------------------------------------------------
 
 
 def check_input_names(names: list[Any], spec: InputSpec) -> None:

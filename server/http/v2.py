@@ -167,7 +167,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
         bundle = bundle_for(engine, model, version)
         raw = await body
         req = await _maybe_offloaded(
-            len(raw), codec.decode_infer_request, raw, header_length, bundle.manifest.input,
+            len(raw), codec.decode_request, raw, header_length, bundle,
             max_samples=settings.max_samples_per_request,
         )
         result = await engine.infer(model, req.x, early_exit=req.early_exit, direct=state.in_progress == 1)

@@ -86,7 +86,7 @@ def test_export_check_reports_every_mismatch(bundle_copy: Path) -> None:
     with torch.no_grad():
         model.heads[2].fc.bias += 1.0  # only the last exit's logits change
     with pytest.raises(ExportCheckError) as err:
-        check_export(model, bundle_copy, load_digits_splits().test.x[:4], EXPORT_CONFIGS["vit-digits"])
+        check_export(model, bundle_copy, load_digits_splits().test.subset(np.arange(4)), EXPORT_CONFIGS["vit-digits"])
     failures = err.value.mismatches
     # segment check + chain check per batch size, plus the reference, for the last exit only
     assert len(failures) == 6

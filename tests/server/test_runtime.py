@@ -21,12 +21,10 @@ from server.engine.runtime import (
     DeviceError,
     NumpyOps,
     OrtStageRunner,
-    OrtValueOps,
-    concat_model,
-    gather_model,
     resolve_device,
     session_options,
 )
+from server.engine.device import OrtValueOps, concat_model, gather_model
 from server.settings import Settings
 from tests.fakes import HIDDEN_DIM, build_onnx_bundle
 
