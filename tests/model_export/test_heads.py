@@ -55,7 +55,8 @@ def test_head_trains_exports_and_serves(head: str, splits, tmp_path: Path) -> No
 
     out = export_bundle(model, tmp_path / head, splits, name=f"head-{head}", cfg=EXPORT_CONFIGS["vit-digits"],
                         criterion=criterion)
-    check_export(model, out, splits.test.subset(np.arange(5)), EXPORT_CONFIGS["vit-digits"], reference=False)  # re-checks
+    check_export(model, out, splits.test.subset(np.arange(5)), EXPORT_CONFIGS["vit-digits"],
+                 reference=False)  # re-checks
     bundle = load_bundle(out)
     m = bundle.manifest
     assert all(("gate" in s.output_names()) == has_gate for s in m.stages)

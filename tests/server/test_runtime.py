@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from server.bundle import (
     load_bundle,
 )
+from server.engine.device import OrtValueOps, concat_model, gather_model
 from server.engine.runtime import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
@@ -24,7 +25,6 @@ from server.engine.runtime import (
     resolve_device,
     session_options,
 )
-from server.engine.device import OrtValueOps, concat_model, gather_model
 from server.settings import Settings
 from tests.fakes import HIDDEN_DIM, build_onnx_bundle
 
