@@ -46,7 +46,7 @@ import numpy as np
 
 from load_tests.data import RequestData, digits_test_split, read_request_data
 
-PRESETS = ("demo", "heavy")
+PRESETS = ("demo", "sentiment", "heavy")
 REFERENCES = {"reference-1t": 1, "reference-ort": 0}  # in-process baselines: intra-op threads
 
 
@@ -91,7 +91,7 @@ class Trial:
 
 
 def resolve_bundle(spec: str, cache_dir: Path | None = None, *, progress: bool = True) -> Path:
-    """A bundle directory, or a preset (`demo`, `heavy`) built on first use under the cache dir."""
+    """A bundle directory, or a preset (`demo`, `sentiment`, `heavy`) built on first use under the cache dir."""
     path = Path(spec)
     if (path / "manifest.json").is_file():
         return path
@@ -104,6 +104,10 @@ def resolve_bundle(spec: str, cache_dir: Path | None = None, *, progress: bool =
             from model_export.demo import ensure_demo_bundle
 
             return ensure_demo_bundle(cache_dir, progress=progress)
+        if spec == "sentiment":
+            from model_export.sentiment import ensure_sentiment_bundle
+
+            return ensure_sentiment_bundle(cache_dir, progress=progress)
         from load_tests.heavy import ensure_heavy_bundle
 
         return ensure_heavy_bundle(cache_dir, progress=progress)

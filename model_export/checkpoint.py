@@ -14,16 +14,19 @@ import torch
 from model_export.vit import MultiExitViT, ViTConfig
 
 CHECKPOINT_FORMAT = "offramp-multi-exit-vit/1"
+"""The format name; it predates the encoder family and stays, so older checkpoints still load."""
+FAMILIES = ("vit", "encoder")
 
 
-def save_checkpoint(
-    path: Path, model: MultiExitViT, *, name: str, data: dict[str, Any] | None = None
-) -> Path:
-    """Write `model` to `path`; `data` says which data set and split it was trained on."""
+def save_checkpoint(path: Path, model: Any, *, name: str, data: dict[str, Any] | None = None) -> Path:
+    """Write `model` (a MultiExitViT or MultiExitEncoder) to `path`; `data` says which data set and
+    split it was trained on."""
+    if getattr(model, "family", None) not in FAMILIES:
+        raise ValueError(f"checkpoints hold the built-in families {FAMILIES}; save your own model with torch.save")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "name": name,
-        "family": "vit",
+        "family": model.family,
         "config": model.cfg.to_dict(),
         "data": dict(data or {}),
         "state_dict": model.state_dict(),
@@ -32,7 +35,7 @@ def save_checkpoint(
     return Path(path)
 
 
-def load_checkpoint(path: Path) -> tuple[MultiExitViT, dict[str, Any]]:
+def load_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
     """The model (eval mode) and the checkpoint's metadata (name, family, data)."""
     path = Path(path)
     if not path.is_file():
@@ -43,7 +46,12 @@ def load_checkpoint(path: Path) -> tuple[MultiExitViT, dict[str, Any]]:
         raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an offramp checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    model = MultiExitViT(ViTConfig.from_dict(payload["config"]))
+    if payload.get("family", "vit") == "encoder":
+        from model_export.text import EncoderConfig, MultiExitEncoder
+
+        model: Any = MultiExitEncoder(EncoderConfig.from_dict(payload["config"]))
+    else:
+        model = MultiExitViT(ViTConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     meta = {k: payload[k] for k in ("name", "family", "data")}

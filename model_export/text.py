@@ -386,3 +386,42 @@ def write_wordpiece_tokenizer(path: Path, words: list[str]) -> Path:
     path = Path(path)
     tok.save(str(path))
     return path
+
+
+TINY_TEXT_NAME = "text-tiny"
+TINY_WORDS = ("good great fine fun superb bad awful dull boring poor the a film movie plot acting "
+              "was is and not very quite story").split()
+POSITIVE, NEGATIVE = {"good", "great", "fine", "fun", "superb"}, {"bad", "awful", "dull", "boring", "poor"}
+
+
+def tiny_text_splits(tokenizer: TextTokenizer, n: int = 400, seed: int = 0) -> TextSplits:
+    """Random sentences over `TINY_WORDS` (0 to 14 words: lengths vary), labelled positive when
+    they hold more positive than negative words; for tests."""
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(rng.choice(TINY_WORDS, int(rng.integers(0, 15)))) for _ in range(n)]
+    labels = np.array([int(sum(w in POSITIVE for w in t.split()) > sum(w in NEGATIVE for w in t.split()))
+                       for t in texts], dtype=np.int64)
+    return split_texts(texts, labels, tokenizer, ["negative", "positive"], seed=seed, val_fraction=0.2,
+                       test_fraction=0.2)
+
+
+def build_tiny_text_bundle(out: Path, *, seed: int = 0, max_steps: int = 60, max_length: int = 24,
+                           head: str = "linear") -> Path:
+    """A 3-stage text bundle (random tiny BERT, a few training steps) in seconds, for tests."""
+    from model_export.export import EXPORT_CONFIGS, export_bundle
+    from model_export.train import TrainConfig, seed_everything, train
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = write_wordpiece_tokenizer(out.parent / f".{out.name}-tokenizer.json", list(TINY_WORDS))
+    tokenizer = TextTokenizer(tok_path, max_length)
+    splits = tiny_text_splits(tokenizer, seed=seed)
+    seed_everything(seed, 1)
+    model = MultiExitEncoder(EncoderConfig(backbone=tiny_bert_config(tokenizer.vocab_size), head=head,
+                                           max_length=max_length, pooling="mean"))
+    train(model, splits.train, TrainConfig(epochs=50, batch_size=32, lr=3e-3, max_steps=max_steps, seed=seed,
+                                           label_smoothing=0.0), progress=False)
+    export_bundle(model, out, splits, name=TINY_TEXT_NAME, cfg=EXPORT_CONFIGS["encoder-text"], tokenizer=tok_path,
+                  created_by=f"offramp tiny text bundle (seed {seed}, {max_steps} steps)")
+    tok_path.unlink()
+    return out

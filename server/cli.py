@@ -154,7 +154,8 @@ class _Follower(uvicorn.Server):
         yield
 
 
-DefaultBundle = Callable[[Settings], Path]
+PRESETS = ("demo", "sentiment", "heavy")
+DefaultBundle = Callable[[Settings, str | None], Path]  # (settings, --preset)
 
 
 def uvicorn_config(app: Any, settings: Settings, port: int, lifespan: str) -> uvicorn.Config:
@@ -185,8 +186,12 @@ def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None)
     log.info("offramp %s settings: %s", __version__, redacted(settings))
     try:
         paths = list(settings.bundles)
+        preset = getattr(args, "preset", None)
+        if preset is not None and paths:
+            print("offramp serve: give --preset or bundles (--bundle / OFFRAMP_BUNDLES), not both", file=sys.stderr)
+            return 2
         if not paths and default_bundle is not None:
-            paths = [default_bundle(settings)]
+            paths = [default_bundle(settings, preset)]
         bundles = [load_bundle(path) for path in paths]
         app = create_app(settings, bundles=bundles)  # verifies everything, in the parent with --workers too
     except (BundleError, StateError) as err:
@@ -307,6 +312,9 @@ def register(subparsers: argparse._SubParsersAction, *, default_bundle: DefaultB
         description="Run the V2 server. Flags override OFFRAMP_* environment variables. " + default_help,
     )
     add_settings_flags(serve_parser)
+    if default_bundle is not None:
+        serve_parser.add_argument("--preset", default=None, choices=PRESETS,
+                                  help="serve a preset bundle, built on first use under the cache dir [demo]")
     serve_parser.set_defaults(func=partial(serve, default_bundle=default_bundle))
     p = subparsers.add_parser(
         "inspect", help="verify a bundle and print its stages",

@@ -26,7 +26,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from server import __version__
 from server.bundle import NUMPY_DTYPES
 from server.errors import BadRequest, OfframpError, Overloaded
-from server.http import codec
+from server.http import codec, text_codec
 from server.http.v2 import UNKNOWN_MODEL, bundle_for, outcome
 from server.interface import ServingEngine
 from server.metrics import Metrics
@@ -99,7 +99,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if self.state.draining:
                 raise OfframpError("the server is shutting down: retry on another replica", 503)
             bundle = self._bundle(model, request.model_version)
-            x, early_exit, wanted = decode(request, bundle.manifest, settings.max_samples_per_request)
+            x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
             result = await self.engine.infer(model, x, early_exit=early_exit)
             response = encode(bundle.manifest, request.id, result, wanted)
         except OfframpError as err:
@@ -116,15 +116,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return bundle_for(self.engine, model, version)
 
 
-def decode(request: Any, manifest: Any, max_samples: int) -> tuple[np.ndarray, bool, list[str]]:
-    """The input array, the early_exit flag and the outputs asked for; BadRequest for anything wrong."""
-    spec = manifest.input
+def decode(request: Any, bundle: Any, max_samples: int) -> tuple[Any, bool, list[str]]:
+    """The input array (token rows for text models), the early_exit flag and the outputs asked for;
+    BadRequest for anything wrong."""
+    spec = bundle.manifest.input
     early_exit = True
     for key, param in request.parameters.items():
         if key == "early_exit":
             if param.WhichOneof("parameter_choice") != "bool_param":
                 raise BadRequest("request parameter early_exit must be a bool")
             early_exit = param.bool_param
+    wanted: list[str] = []
+    for output in request.outputs:
+        codec.check_output_name(output.name, wanted)
+        wanted.append(output.name)
+    if bundle.manifest.text is not None:
+        return _text_rows(request, bundle, max_samples), early_exit, wanted or list(codec.OUTPUTS)
     codec.check_input_names([t.name for t in request.inputs], spec)
     tensor = request.inputs[0]
     codec.check_datatype(tensor.datatype, spec)
@@ -145,11 +152,22 @@ def decode(request: Any, manifest: Any, max_samples: int) -> tuple[np.ndarray, b
             raise BadRequest(f"input {spec.name!r}: no data (raw_input_contents or contents.{field})")
         x = codec.array_from_list(values, spec, shape, dtype)
     codec.check_finite(x, spec)
-    wanted: list[str] = []
-    for output in request.outputs:
-        codec.check_output_name(output.name, wanted)
-        wanted.append(output.name)
     return x, early_exit, wanted or list(codec.OUTPUTS)
+
+
+def _text_rows(request: Any, bundle: Any, max_samples: int) -> Any:
+    """A text model's inputs: sentences (BYTES) or token ids, raw or typed contents (text_codec.py)."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    tensors = []
+    for i, t in enumerate(request.inputs):
+        values = None
+        if not raw:
+            values = list(t.contents.bytes_contents) if t.datatype == "BYTES" else list(t.contents.int64_contents)
+        tensors.append(text_codec.Tensor(t.name, t.datatype, list(t.shape), values,
+                                         memoryview(raw[i]) if raw else None))
+    return text_codec.decode_text_inputs(bundle, tensors, max_samples)
 
 
 def encode(manifest: Any, request_id: str, result: Any, wanted: list[str]) -> Any:
