@@ -84,7 +84,7 @@ def evaluate(run, splits) -> RunResult:  # noqa: ANN001 - RecipeRun, Splits (tor
     for part in ("val", "test"):
         split = getattr(splits, part)
         out = stage_outputs(model, split)
-        calib[part] = Calibration(labels=split.y, logits=out[LOGITS], similarity=out[SIMILARITY],
+        calib[part] = Calibration(labels=split.y, logits=out[LOGITS], similarity=out.get(SIMILARITY),
                                   gate=out.get("gate"))
     criterion = get_recipe(run.recipe).criterion
     res = RunResult(

@@ -274,7 +274,8 @@ def stage_outputs(model: MultiExitModel, data: Any, batch: int = 256) -> dict[st
             out = model.segment(i, inputs)
             n = len(out[LOGITS])
             per_stage[LOGITS].append(out[LOGITS].numpy())
-            per_stage[SIMILARITY].append(out[SIMILARITY].numpy() if i > 0 else np.full(n, np.nan, np.float32))
+            per_stage[SIMILARITY].append(out[SIMILARITY].numpy() if SIMILARITY in out
+                                         else np.full(n, np.nan, np.float32))
             if "gate" in out:
                 per_stage["gate"].append(out["gate"].numpy())
             if i + 1 < model.num_stages:
@@ -283,6 +284,8 @@ def stage_outputs(model: MultiExitModel, data: Any, batch: int = 256) -> dict[st
     result = {k: np.concatenate([np.stack(c[k]) for c in chunks], axis=1) for k in (LOGITS, SIMILARITY)}
     if chunks and chunks[0]["gate"]:
         result["gate"] = np.concatenate([np.stack(c["gate"]) for c in chunks], axis=1)
+    if np.isnan(result[SIMILARITY]).all():  # a model without the similarity output
+        del result[SIMILARITY]
     return {k: v.astype(np.float32) for k, v in result.items()}
 
 
@@ -403,7 +406,7 @@ def export_bundle(
     accuracy = [float((z.argmax(-1) == splits.test.y).mean()) for z in test[LOGITS]]
     val = stage_outputs(model, splits.val)
     calibration = Calibration(
-        labels=splits.val.y, logits=val[LOGITS], similarity=val[SIMILARITY], gate=val.get("gate")
+        labels=splits.val.y, logits=val[LOGITS], similarity=val.get(SIMILARITY), gate=val.get("gate")
     )
     calibration.save(out / CALIBRATION)
     criterion = criterion or cfg.policy_criterion
