@@ -1,6 +1,8 @@
 """`offramp bench`: early exit against full depth, side by side in one run, on one bundle.
 
-Configurations, measured on the digits test split (never the calibration data):
+Configurations, measured on the digits test split, or for text models (`sentiment`) the sentiment
+preset's test sentences, never the calibration data; with text every configuration, the
+references included, tokenizes its sentences inside the timed call, with the bundle's tokenizer:
 
 - `reference-1t` / `reference-ort`: the bundle's monolithic `reference.onnx` in plain onnxruntime,
   with 1 intra-op thread / onnxruntime's defaults (spinning off in both); at each batch size the
@@ -22,7 +24,7 @@ FLOPs under the measured exit histogram (FLOPs per stage from the manifest); the
 our own full-depth path stay beside them. The engine's stage sessions use `--threads` intra-op
 threads (default 1; 0 = onnxruntime's default), inter-op 1, spinning off.
 
-    offramp bench demo --out results/bench-demo        # or: heavy, or a bundle directory
+    offramp bench demo --out results/bench-demo        # or: sentiment, heavy, or a bundle directory
     python -m load_tests.bench BUNDLE --out DIR --quick   # tiny sizes (tests)
 """
 
@@ -40,11 +42,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from load_tests.data import RequestData, digits_test_split, read_request_data
+from load_tests.data import RequestData, digits_test_split, read_request_data, sentiment_test_split
+from load_tests.reference_server import model_feed
 
 PRESETS = ("demo", "sentiment", "heavy")
 REFERENCES = {"reference-1t": 1, "reference-ort": 0}  # in-process baselines: intra-op threads
@@ -172,21 +176,24 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
     last = m.num_stages - 1
     await engine.start()
     try:
+        tokenize = model_input(bundle)  # text: both sides tokenize inside the timed call
+
         def via_reference(session) -> Callable:  # noqa: ANN001
             async def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                logits = session.run([m.reference.outputs[-1]], {m.input.name: x})[0]
+                logits = session.run([m.reference.outputs[-1]], model_feed(m, tokenize(x)))[0]
                 return logits.argmax(-1), np.full(len(x), last, np.int32)
             return call
 
         def via_engine(early: bool) -> Callable:
             async def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-                result = await engine.infer(bundle.name, x, early_exit=early)
+                result = await engine.infer(bundle.name, tokenize(x), early_exit=early)
                 return result.labels, result.exit_stage
             return call
 
         calls = {**{name: via_reference(s) for name, s in references.items()},
                  "full": via_engine(False), "early": via_engine(True)}
-        full_labels = (await engine.infer(bundle.name, data.x, early_exit=False)).labels
+        full_labels = np.concatenate([(await engine.infer(bundle.name, tokenize(data.x[i:i + 256]), early_exit=False,
+                                                          direct=False)).labels for i in range(0, len(data), 256)])
         trials: dict[tuple[str, int], list[Trial]] = {}
         for batch in cfg.batch_sizes:
             count = _requests(cfg, batch)
@@ -201,6 +208,17 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
         return trials, full_labels
     finally:
         await engine.stop(drain=True)
+
+
+def model_input(bundle) -> Callable[[np.ndarray], object]:  # noqa: ANN001
+    """Request samples -> what the engine takes: the array itself, or a text model's token rows."""
+    if bundle.manifest.text is None:
+        return lambda x: x
+    from server.http.text_codec import tokenizer_for
+    from server.text import TokenRows
+
+    tokenizer = tokenizer_for(bundle)
+    return lambda x: TokenRows(*tokenizer.encode(list(x)))
 
 
 class _HttpClients:
@@ -269,13 +287,15 @@ def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestDat
     the reference server and one `offramp serve`."""
     from load_tests.run_locust import serve, serve_reference
     from server.http.codec import encode_request
+    from server.http.text_codec import encode_text_request
 
     binary = cfg.http_format == "binary"
     k = cfg.http_batch
     rows = [np.arange(i, i + k) for i in range(0, len(data) - k + 1, k)]
+    encode = encode_text_request if data.is_text else partial(encode_request, input_name=input_name)
     bodies = {
-        name: [encode_request(data.x[r], input_name, binary=binary, early_exit=early,
-                              binary_output=True if binary else None) for r in rows]
+        name: [encode(data.x[r], binary=binary, early_exit=early, binary_output=True if binary else None)
+               for r in rows]
         for name, early in (("http-reference", False), ("http-full", False), ("http-early", True))
     }
     flags = [f"--intra-op-threads={cfg.threads}", "--inter-op-threads=1", f"--device={cfg.device}",
@@ -341,8 +361,11 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
     m = bundle.manifest
     if bundle.reference_path() is None:
         raise ValueError(f"{bundle_dir}: the bundle has no reference.onnx to compare with")
-    data = data if data is not None else digits_test_split()
-    if list(data.x.shape[1:]) != [d for d in m.input.shape[1:]]:
+    if data is None:
+        data = sentiment_test_split() if m.text is not None else digits_test_split()
+    if m.text is not None and not data.is_text:
+        raise ValueError("a text model is benchmarked on sentences (the sentiment test split by default)")
+    if m.text is None and list(data.x.shape[1:]) != [d for d in m.input.shape[1:]]:
         raise ValueError(f"request data has samples of shape {list(data.x.shape[1:])}, "
                          f"the model takes {m.input.shape[1:]}")
     calibration = calibrate(bundle.calibration(), m, target_agreement=cfg.target_agreement,
@@ -391,7 +414,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-format", choices=["binary", "json"], help="V2 body format (default binary)")
     parser.add_argument("--http-batch", type=int, help="samples per HTTP request (default 1)")
     parser.add_argument("--no-http", action="store_true", help="in-process configurations only")
-    parser.add_argument("--data", type=Path, help="request data file (default: the digits test split)")
+    parser.add_argument("--data", type=Path,
+                        help="request data file (default: the digits test split; text models: the sentiment test "
+                        "sentences)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="execution provider (default cpu)")
 

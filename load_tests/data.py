@@ -30,8 +30,12 @@ SUFFIXES = (".npy", ".npz", ".json")
 class RequestData:
     """Inputs to send, and their true labels when the file has them."""
 
-    x: np.ndarray  # float32 [N, ...]
+    x: np.ndarray  # float32 [N, ...]; for text models, the sentences (object [N] of str)
     y: np.ndarray | None = None  # int64 [N]
+
+    @property
+    def is_text(self) -> bool:
+        return self.x.dtype == object
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -48,6 +52,15 @@ def digits_test_split(split_seed: int = 0) -> RequestData:
 
     test = load_digits_splits(seed=split_seed).test
     return RequestData(np.ascontiguousarray(test.x, np.float32), test.y.astype(np.int64))
+
+
+def sentiment_test_split() -> RequestData:
+    """The sentiment preset's test sentences (model_export/sentiment.py's fixed split; needs the
+    export extra and `make install-text`)."""
+    from model_export.sentiment import sentiment_splits
+
+    test = sentiment_splits().test
+    return RequestData(np.array(test.texts, dtype=object), test.y.astype(np.int64))
 
 
 def _check(path: Path) -> None:

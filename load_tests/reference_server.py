@@ -24,6 +24,14 @@ from server.exits import softmax
 from server.http import codec
 from server.interface import InferResult
 from server.jsonio import dumps
+from server.text import ATTENTION_MASK, TokenRows
+
+
+def model_feed(manifest: Any, x: Any) -> dict[str, np.ndarray]:
+    """reference.onnx's inputs for a decoded request: the array, or a text model's ids and mask."""
+    if isinstance(x, TokenRows):
+        return {manifest.input.name: x.data, ATTENTION_MASK: x.mask}
+    return {manifest.input.name: x}
 
 
 def build_app(bundle_dir: Path, threads: int) -> Any:
@@ -62,12 +70,12 @@ def build_app(bundle_dir: Path, threads: int) -> Any:
         body = b"".join(chunks)
         headers = dict(scope["headers"])
         try:
-            req = codec.decode_infer_request(body, headers.get(codec.INFER_HEADER.lower().encode(), b"").decode()
-                                             or None, manifest.input, max_samples=1 << 20)
+            req = codec.decode_request(body, headers.get(codec.INFER_HEADER.lower().encode(), b"").decode()
+                                       or None, bundle, max_samples=1 << 20)
         except OfframpError as err:
             await send_json(send, err.status_code, {"error": err.message})
             return
-        logits = session.run([final], {manifest.input.name: req.x})[0]
+        logits = session.run([final], model_feed(manifest, req.x))[0]
         probs = softmax(logits)
         result = InferResult(probs.argmax(axis=-1), probs, np.full(len(probs), last, np.int32))
         content, out_headers = codec.encode_infer_response(manifest, req, result)

@@ -104,6 +104,8 @@ def _from_factory(spec: str) -> tuple:
     module, sep, func = spec.partition(":")
     if not sep or not module or not func:
         raise ValueError(f"--factory must be MODULE:FUNCTION, got {spec!r}")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:  # the console script's path is its own dir
+        sys.path.insert(0, str(Path.cwd()))
     made = getattr(importlib.import_module(module), func)()
     if not isinstance(made, dict) or not {"model", "splits", "name"} <= set(made):
         raise TypeError(f"{spec} must return a dict with model, splits and name (and optionally tokenizer, config)")

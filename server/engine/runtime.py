@@ -225,6 +225,7 @@ class OrtStageRunner:
             log.warning("%s: CUDA provider failed to start, serving on CPU", bundle.name)
             self.device = "cpu"
         self.providers = self.sessions[0].get_providers()
+        self.bucket = settings.length_bucket_tokens
         self._inputs = [s.inputs[0].name for s in manifest.stages]
         self._extra = [[n for n in (GATE, SIMILARITY) if s.has_output(n)] for s in manifest.stages]
         # The host-bound outputs of each stage: the logits, the in-graph scores where they exist, gate/similarity.
@@ -242,13 +243,40 @@ class OrtStageRunner:
             return self._run_bound(stage, x)
         names = ([HIDDEN] if stage < self.num_stages - 1 else []) + self._small[stage]
         if isinstance(x, TokenRows):
-            feed = {self._inputs[stage]: x.data, ATTENTION_MASK: x.mask}
-            values = dict(zip(names, self.sessions[stage].run(names, feed), strict=True))
-            if HIDDEN in values:
-                values[HIDDEN] = TokenRows(values[HIDDEN], x.mask)
-            return self._outputs(values)
+            return self._outputs(self._run_buckets(stage, x, names))
         values = dict(zip(names, self.sessions[stage].run(names, {self._inputs[stage]: x}), strict=True))
         return self._outputs(values)
+
+    def _run_rows(self, stage: int, x: TokenRows, names: list[str]) -> dict[str, Any]:
+        feed = {self._inputs[stage]: x.data, ATTENTION_MASK: x.mask}
+        return dict(zip(names, self.sessions[stage].run(names, feed), strict=True))
+
+    def _run_buckets(self, stage: int, x: TokenRows, names: list[str]) -> dict[str, Any]:
+        """A text batch as one run per length bucket (`length_bucket_tokens`), each trimmed to its
+        own longest row; outputs back in row order, the hidden state padded to the batch's width."""
+        lengths = x.lengths()
+        keys = (np.maximum(lengths, 1) - 1) // self.bucket if self.bucket else np.zeros(len(lengths), np.int64)
+        if len(x) < 2 or keys.min() == keys.max():
+            values = self._run_rows(stage, x, names)
+        else:
+            values = {}
+            for key in np.unique(keys):
+                rows = np.flatnonzero(keys == key)
+                width = int(lengths[rows].max())
+                part = self._run_rows(stage, TokenRows(np.ascontiguousarray(x.data[rows, :width]),
+                                                      np.ascontiguousarray(x.mask[rows, :width])), names)
+                for name, value in part.items():
+                    if name not in values:
+                        shape = (len(x), x.mask.shape[1], *value.shape[2:]) if name == HIDDEN else (
+                            len(x), *value.shape[1:])
+                        values[name] = np.zeros(shape, value.dtype)
+                    if name == HIDDEN:
+                        values[name][rows, :width] = value
+                    else:
+                        values[name][rows] = value
+        if HIDDEN in values:
+            values[HIDDEN] = TokenRows(values[HIDDEN], x.mask)
+        return values
 
     def _run_bound(self, stage: int, x: Any) -> StageOutputs:
         ops = self.ops

@@ -17,7 +17,6 @@ Everything wrong is a `BadRequest` naming the input.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +192,23 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(len(b).to_bytes(LENGTH_PREFIX, "little") + b for b in items)
 
 
-def payload_bytes(rows: TokenRows) -> int:
-    """A size estimate of the decoded request (for the offloading decision)."""
-    return int(math.prod(rows.mask.shape)) * 16
+def encode_text_request(texts: Any, *, binary: bool = True, early_exit: bool = True,
+                        binary_output: bool | None = None) -> tuple[bytes, dict[str, str]]:
+    """A client's infer request body sending sentences as the `text` input (tests, load tests)."""
+    from server import jsonio
+    from server.http.codec import INFER_HEADER, JSON_CONTENT_TYPE
+
+    items = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in texts]
+    tensor: dict[str, Any] = {"name": TEXT_INPUT, "datatype": "BYTES", "shape": [len(items)]}
+    blob = serialize_bytes(items) if binary else b""
+    if binary:
+        tensor["parameters"] = {"binary_data_size": len(blob)}
+    else:
+        tensor["data"] = [t.decode("utf-8") for t in items]
+    doc: dict[str, Any] = {"inputs": [tensor], "parameters": {"early_exit": early_exit}}
+    if binary_output is not None:
+        doc["parameters"]["binary_data_output"] = binary_output
+    header = jsonio.dumps(doc)
+    if not binary:
+        return header, {"content-type": JSON_CONTENT_TYPE}
+    return header + blob, {"content-type": "application/octet-stream", INFER_HEADER: str(len(header))}

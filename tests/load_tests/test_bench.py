@@ -74,6 +74,25 @@ def test_every_speed_up_is_over_the_faster_reference_of_the_same_run(bench_repor
     assert "vs full" in (out / "bench.md").read_text() and "*" in (out / "bench.md").read_text()
 
 
+def test_bench_runs_a_text_model_on_sentences(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("transformers")
+    from load_tests.bench import BenchConfig, run_bench
+    from model_export.text import build_tiny_text_bundle, tiny_text_splits
+    from server.text import TextTokenizer
+
+    bundle = build_tiny_text_bundle(tmp_path / "text")
+    test = tiny_text_splits(TextTokenizer(bundle / "tokenizer.json", 24)).test
+    data = RequestData(np.array(test.texts, dtype=object), test.y)
+    report = run_bench(bundle, tmp_path / "out", BenchConfig.quick(), data=data, progress=False)
+    rows = {(r["config"], r.get("batch", r.get("clients"))): r for r in report["results"]}
+    assert rows[("full", 4)]["agreement"] == 1.0 and rows[("reference-1t", 4)]["agreement"] == 1.0
+    assert rows[("http-full", 2)]["agreement"] == 1.0  # sentences over HTTP answer as in-process
+    with pytest.raises(ValueError, match="sentences"):
+        run_bench(bundle, tmp_path / "out2", BenchConfig.quick(), data=RequestData(np.zeros((4, 3), np.float32)),
+                  progress=False)
+
+
 def test_early_exit_really_exits_early(bench_report: tuple[dict, Path]) -> None:
     report, _ = bench_report
     early = [r for r in report["results"] if r["config"] in ("early", "http-early")]

@@ -159,3 +159,13 @@ def test_the_worked_example_in_the_docs_exports_a_users_own_model(tmp_path: Path
     out = namespace["main"](tmp_path / "own")
     bundle = load_bundle(out)
     assert bundle.manifest.num_stages == 2 and bundle.manifest.stages[0].head == "mine"
+
+
+def test_offramp_export_takes_a_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from offramp.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    assert main(["export", "--factory", "docs.examples.own_model:factory", "--out", str(tmp_path / "b")]) == 0
+    assert load_bundle(tmp_path / "b").manifest.name == "digits-mlp"
+    assert main(["export", "--factory", "no_such_module:f", "--out", str(tmp_path / "c")]) == 2
+    assert main(["export", "--out", str(tmp_path / "d")]) == 2  # neither a checkpoint nor a factory

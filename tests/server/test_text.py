@@ -80,12 +80,13 @@ def test_server_tokenization_equals_the_tokenizers(bundle: Bundle) -> None:
     assert ids[texts.index("")].tolist()[:2] == [2, 3]  # the empty string is [CLS] [SEP]
 
 
-@pytest.mark.parametrize("bind", [None, "cpu"])
-def test_ragged_rebatching_equals_running_each_row_alone(bundle: Bundle, bind: str | None) -> None:
+@pytest.mark.parametrize(("bind", "bucket"), [(None, 0), (None, 4), (None, 16), ("cpu", 16)])
+def test_ragged_rebatching_equals_running_each_row_alone(bundle: Bundle, bind: str | None, bucket: int) -> None:
     """Survivors of batches of different lengths, merged (padded) at every stage, in many random
-    compositions: each row's exit probabilities equal that row run alone. `bind="cpu"` runs the
+    compositions: each row's exit probabilities equal that row run alone, whether a stage runs the
+    merged batch as one padded run (bucket 0) or per length bucket. `bind="cpu"` runs the
     IO-binding code the GPU runs (hidden states as OrtValues, Gather/Slice/Pad graphs)."""
-    runner = OrtStageRunner(bundle, Settings(intra_op_threads=1), bind_device=bind)
+    runner = OrtStageRunner(bundle, Settings(intra_op_threads=1, length_bucket_tokens=bucket), bind_device=bind)
     tok = tokenizer_for(bundle)
     rng = np.random.default_rng(1)
     for trial in range(6):
