@@ -6,7 +6,9 @@ references included, tokenizes its sentences inside the timed call, with the bun
 
 - `reference-1t` / `reference-ort`: the bundle's monolithic `reference.onnx` in plain onnxruntime,
   with 1 intra-op thread / onnxruntime's defaults (spinning off in both); at each batch size the
-  faster of the two is `reference`, the baseline every speed-up is divided by;
+  faster of the two is `reference`, the baseline every speed-up is divided by; for text models also
+  `reference-buckets` (onnxruntime's default threads, each batch run per 16-token length bucket: what
+  a plain-onnxruntime user can do against padding), and the fastest of the three is the baseline;
 - `full`: the engine in-process with `early_exit=False` (every stage);
 - `early`: the same engine with thresholds calibrated to `--target-agreement` (server.control.calibrate on
   the bundle's calibration data), one request of `batch` samples at a time;
@@ -49,9 +51,11 @@ import numpy as np
 
 from load_tests.data import RequestData, digits_test_split, read_request_data, sentiment_test_split
 from load_tests.reference_server import model_feed
+from server.text import ATTENTION_MASK
 
 PRESETS = ("demo", "sentiment", "heavy")
 REFERENCES = {"reference-1t": 1, "reference-ort": 0}  # in-process baselines: intra-op threads
+REFERENCE_BUCKET = 16  # text models: reference-buckets runs each batch per length bucket of this many tokens
 
 
 @dataclass
@@ -190,8 +194,23 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
                 return result.labels, result.exit_stage
             return call
 
-        calls = {**{name: via_reference(s) for name, s in references.items()},
-                 "full": via_engine(False), "early": via_engine(True)}
+        def via_reference_buckets(session) -> Callable:  # noqa: ANN001
+            async def call(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                rows = tokenize(x)
+                lengths = rows.lengths()  # type: ignore[attr-defined]
+                keys, labels = (lengths - 1) // REFERENCE_BUCKET, np.empty(len(x), np.int64)
+                for key in np.unique(keys):
+                    pick = np.flatnonzero(keys == key)
+                    width = int(lengths[pick].max())
+                    feed = {m.input.name: rows.data[pick, :width], ATTENTION_MASK: rows.mask[pick, :width]}  # type: ignore[attr-defined]
+                    labels[pick] = session.run([m.reference.outputs[-1]], feed)[0].argmax(-1)
+                return labels, np.full(len(x), last, np.int32)
+            return call
+
+        calls = {name: via_reference(s) for name, s in references.items()}
+        if m.text is not None:
+            calls["reference-buckets"] = via_reference_buckets(references["reference-ort"])
+        calls |= {"full": via_engine(False), "early": via_engine(True)}
         full_labels = np.concatenate([(await engine.infer(bundle.name, tokenize(data.x[i:i + 256]), early_exit=False,
                                                           direct=False)).labels for i in range(0, len(data), 256)])
         trials: dict[tuple[str, int], list[Trial]] = {}
@@ -372,7 +391,7 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
                             criterion=cfg.criterion)
     thresholds = list(calibration.thresholds)
     out.mkdir(parents=True, exist_ok=True)
-    total = len(cfg.batch_sizes) * cfg.repeats * (2 + len(REFERENCES))
+    total = len(cfg.batch_sizes) * cfg.repeats * (2 + len(REFERENCES) + (m.text is not None))
     total += len(cfg.concurrency) * cfg.repeats * 3 if cfg.http else 0
     with tqdm(total=total, desc=f"bench {m.name}", unit="trial", disable=not progress) as bar:
         trials, full_labels = asyncio.run(measure_in_process(bundle, data, cfg, thresholds, bar))

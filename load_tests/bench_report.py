@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
-IN_PROCESS = ("reference-1t", "reference-ort", "full", "early")
+IN_PROCESS = ("reference-1t", "reference-ort", "reference-buckets", "full", "early")
 HTTP = ("http-reference", "http-full", "http-early")
-REFERENCE_ROWS = ("reference-1t", "reference-ort")
+REFERENCE_ROWS = ("reference-1t", "reference-ort", "reference-buckets")
+"""`reference-buckets` (text models only): onnxruntime's default threads, each batch run as one run per
+16-token length bucket, the best a plain-onnxruntime user can do with a batch of sentences."""
 
 
 def _row(name: str, key: int, trials: list, full_labels: np.ndarray, y: np.ndarray | None,
@@ -140,8 +142,9 @@ def markdown(report: dict) -> str:
         f"Policy: {cal['criterion']} calibrated to agreement {cfg['target_agreement']} on the calibration "
         f"data: thresholds [{shown}]; expected agreement {expected['agreement']:.4f}, compute fraction "
         f"{expected['compute_fraction']:.3f}. Engine stages: {cfg['threads']} intra-op thread(s) per session "
-        "(0: onnxruntime's default), spinning off; reference.onnx with 1 thread and with onnxruntime's defaults, "
-        f"the faster is the baseline (*); engine max_queue_delay_ms {cfg['max_queue_delay_ms']}; HTTP "
+        "(0: onnxruntime's default), spinning off; reference.onnx with 1 thread and with onnxruntime's defaults "
+        "(text models also per length bucket), the fastest is the baseline (*); "
+        f"engine max_queue_delay_ms {cfg['max_queue_delay_ms']}; HTTP "
         f"{cfg['http_format']} bodies, {cfg.get('http_batch', 1)} sample(s) per request; medians of "
         f"{cfg['repeats']} interleaved repeats. Speed-up and realisation are over the baseline; the last two "
         "columns are over our own full-depth path.",
