@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from server.bundle import Calibration
-from server.control.calibrate import TARGETS, available_criteria, calibrate
+from server.control.calibrate import TARGETS, available_criteria, calibrate, simulate
+from server.control.guarantee import CONFIDENCE, guaranteed
 from server.control.store import SOURCE_CALIBRATE, SOURCE_PUT, PolicyStore, stored_or_seeded
 from server.errors import BundleError, Unprocessable
 from server.interface import ServingEngine
@@ -61,8 +62,10 @@ class PolicyControl:
         return self._apply(model, policy, SOURCE_PUT, expected)
 
     def calibrate(self, model: str, targets: dict[str, float], criterion: str | None, dry_run: bool,
-                  expected: int | None) -> dict[str, Any]:
-        """Thresholds for exactly one target from the bundle's calibration data; applied unless `dry_run`."""
+                  expected: int | None, confidence: float | None = CONFIDENCE) -> dict[str, Any]:
+        """Thresholds for exactly one target from the bundle's calibration data; applied unless `dry_run`.
+        Agreement and accuracy targets are met with probability >= `confidence` (server/control/guarantee.py);
+        `confidence` None (and compute budgets) picks the cheapest thresholds meeting it in-sample."""
         if len(targets) != 1:
             raise Unprocessable(f"give exactly one of {', '.join(TARGETS)}; got {sorted(targets) or 'none'}")
         manifest = self.engine.bundle(model).manifest
@@ -72,16 +75,26 @@ class PolicyControl:
         chosen = criterion or (live.criterion if live.criterion in usable else "max_prob")
         if chosen not in usable:
             raise Unprocessable(f"criterion {chosen!r} cannot be calibrated for {model}; available: {usable}")
+        (name, value), = targets.items()
         try:
-            result = calibrate(calib, manifest, criterion=chosen, **{k: float(v) for k, v in targets.items()})
+            if confidence is not None and name != "compute_budget":
+                certified = guaranteed(
+                    calib, manifest, criterion=chosen, confidence=confidence,
+                    target_agreement=float(value) if name == "target_agreement" else None,
+                    target_accuracy=float(value) if name == "target_accuracy" else None)
+                thresholds, extra = certified.thresholds, {"guarantee": certified.to_dict()}
+            else:
+                result = calibrate(calib, manifest, criterion=chosen, **{name: float(value)})
+                thresholds, extra = result.thresholds, result.to_dict()
         except ValueError as err:
             raise Unprocessable(str(err)) from err
-        out: dict[str, Any] = {"model": model, "dry_run": dry_run, **result.to_dict()}
+        out: dict[str, Any] = {"model": model, "dry_run": dry_run, "criterion": chosen, "target": {name: value},
+                               "thresholds": thresholds, **extra}
+        out["expected"] = simulate(calib, chosen, thresholds, manifest).to_dict()  # on every calibration sample
         if dry_run:
             out.update(applied=False, version=None, current_version=live.version)
             return out
-        (name, value), = targets.items()
-        record = self._apply(model, ExitPolicy(chosen, tuple(result.thresholds)),
+        record = self._apply(model, ExitPolicy(chosen, tuple(thresholds)),
                              f"{SOURCE_CALIBRATE} ({name}={value:g})", expected)
         out.update(applied=True, version=record.version, current_version=record.version)
         return out

@@ -45,6 +45,10 @@ class CalibrateBody(BaseModel):
     target_accuracy: StrictFloat | StrictInt | None = None
     compute_budget: StrictFloat | StrictInt | None = None
     criterion: str | None = Field(None, description="Default: the current policy's criterion.")
+    confidence: StrictFloat | None = Field(
+        0.95, ge=0.5, lt=1.0,
+        description="Agreement / accuracy targets: the thresholds meet the target with at least this probability "
+        "(Learn then Test, docs/admin.md); null: the cheapest thresholds meeting it on the calibration samples.")
     dry_run: StrictBool = False
 
 
@@ -94,7 +98,7 @@ def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
         body = parse_model(CalibrateBody, parse_json(await read_body(request, MAX_ADMIN_BODY, settings.body_timeout_s)))
         targets = {k: float(getattr(body, k)) for k in TARGETS if getattr(body, k) is not None}
         out = await run_in_threadpool(control.calibrate, model, targets, body.criterion, body.dry_run,
-                                      _if_match(request) if len(targets) == 1 else None)
+                                      _if_match(request) if len(targets) == 1 else None, body.confidence)
         return JSONResponse(out, headers={"ETag": f'"{out["current_version"]}"'})
 
     @router.get("/models/{model}/exit-policy/history")

@@ -201,13 +201,33 @@ def test_concurrent_puts_with_if_match_one_wins(setup) -> None:
     assert engine.policy("fake").version == 2 and store.get("fake").version == 2
 
 
+def test_calibrate_certifies_the_target_by_default(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path / "big", samples=3000)
+    store = FilePolicyStore(tmp_path / "store")
+    engine = FakeEngine(bundle, startup_policy(store, bundle.manifest))
+
+    async def go() -> dict:
+        async with client(engine, store) as c:
+            r = await c.post("/admin/models/fake/calibrate", json={"target_agreement": 0.9, "dry_run": True},
+                             headers=AUTH)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    out = run(go())
+    g = out["guarantee"]
+    assert g["confidence"] == 0.95 and g["certified"] and g["fit_samples"] + g["test_samples"] == 3000
+    assert out["thresholds"] == g["thresholds"] and g["interval"][0] <= g["held_out"]["agreement"] <= g["interval"][1]
+    assert out["expected"]["compute_fraction"] < 1.0
+    assert "learn-then-test" in g["method"]
+
+
 def test_calibrate_dry_run_changes_nothing_and_apply_does(setup) -> None:
     engine, store, bundle = setup
     path = "/admin/models/fake/calibrate"
 
     async def go() -> None:
         async with client(engine, store) as c:
-            r = await c.post(path, json={"target_agreement": 0.95, "dry_run": True}, headers=AUTH)
+            r = await c.post(path, json={"target_agreement": 0.95, "dry_run": True, "confidence": None}, headers=AUTH)
             assert r.status_code == 200, r.text
             dry = r.json()
             assert dry["applied"] is False and dry["version"] is None
@@ -217,7 +237,8 @@ def test_calibrate_dry_run_changes_nothing_and_apply_does(setup) -> None:
             assert (await c.get(POLICY, headers=AUTH)).json()["version"] == 1
             assert engine.applied == []
 
-            r = await c.post(path, json={"target_agreement": 0.95, "criterion": "entropy"}, headers=AUTH)
+            r = await c.post(path, json={"target_agreement": 0.95, "criterion": "entropy", "confidence": None},
+                             headers=AUTH)
             applied = r.json()
             assert applied["applied"] is True and applied["version"] == 2 and r.headers["etag"] == '"2"'
             live = (await c.get(POLICY, headers=AUTH)).json()
@@ -226,6 +247,7 @@ def test_calibrate_dry_run_changes_nothing_and_apply_does(setup) -> None:
             assert engine.policy("fake").thresholds == tuple(applied["thresholds"])
 
             for bad in [{}, {"target_agreement": 0.9, "compute_budget": 0.5}, {"target_agreement": 2},
+                        {"target_agreement": 0.9, "confidence": 1.0}, {"target_agreement": 0.9, "confidence": 0.2},
                         {"target_agreement": 0.9, "criterion": "gate"}, {"compute_budget": 0.01}]:
                 r = await c.post(path, json=bad, headers=AUTH)
                 assert r.status_code == 422, (bad, r.text)

@@ -41,9 +41,10 @@ def test_policy_changes_apply_and_survive_a_restart(tiny_bundle: Path, tmp_path:
         assert put.status_code == 200, put.text
         assert set(_infer(server.url, model, x)["exit_stage"].tolist()) == {last}
 
-        # Calibrated to 99% agreement on the calibration data: earlier exits, near-full agreement.
+        # Calibrated to 99% agreement on the calibration data (a point estimate: the tiny bundle's few
+        # hundred samples cannot certify 99 %): earlier exits, near-full agreement.
         cal = httpx.post(f"{server.url}/admin/models/{model}/calibrate", headers=auth,
-                         json={"target_agreement": 0.99})
+                         json={"target_agreement": 0.99, "confidence": None})
         assert cal.status_code == 200, cal.text
         early = _infer(server.url, model, x)
         full = _infer(server.url, model, x, early_exit=False)
