@@ -1,6 +1,8 @@
 """`offramp calibrate`: thresholds for a target from a bundle's calibration data, printed as a
 table, optionally plotted (agreement and accuracy against compute for every criterion) and stored
-as the bundle's default policy. The search itself is `server.control.calibrate`."""
+as the bundle's default policy. The search itself is `server.control.calibrate`; agreement and
+accuracy targets are certified at `--confidence` by `server.control.guarantee` unless
+`--point-estimate` asks for the cheapest thresholds that meet the target in-sample."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from server.bundle import Manifest
 from server.control.calibrate import TARGETS, CalibrationResult, available_criteria, calibrate, frontier
@@ -30,6 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     target.add_argument("--compute-budget", type=float, metavar="FRAC",
                         help="most expected compute, as a fraction of full-depth FLOPs "
                         "(best agreement within it)")
+    parser.add_argument("--confidence", type=float, default=0.95, metavar="P",
+                        help="agreement / accuracy targets: met with at least this probability on new data "
+                        "(Learn then Test, docs/admin.md) [0.95]")
+    parser.add_argument("--point-estimate", action="store_true",
+                        help="the cheapest thresholds meeting the target on the calibration samples themselves "
+                        "(no guarantee: new data usually misses it)")
     parser.add_argument("--criterion", default="all",
                         help="exit criterion to calibrate, or 'all' for every one the bundle supports [all]")
     parser.add_argument("--plot", type=Path, metavar="FILE.png",
@@ -56,6 +65,8 @@ def run_cli(args: argparse.Namespace) -> int:
               f"choose from {usable} or 'all'", file=sys.stderr)
         return 2
     (target, value), = ((k, getattr(args, k)) for k in TARGETS if getattr(args, k) is not None)
+    if not args.point_estimate and target != "compute_budget":
+        return _certified(args, bundle, calib, criteria, target, value)
     results: dict[str, CalibrationResult] = {}
     for criterion in criteria:
         try:
@@ -68,20 +79,71 @@ def run_cli(args: argparse.Namespace) -> int:
 
     status = 0 if results else 1
     if args.plot is not None:
-        from server.control.plots import PlotUnavailable, plot_frontiers
-
-        curves = {c: frontier(calib, manifest, c) for c in criteria}
         chosen = {c: (r.report.compute_fraction, r.report.agreement, r.report.accuracy)
                   for c, r in results.items()}
-        try:
-            path = plot_frontiers(curves, args.plot, chosen=chosen, target=(target, value),
-                                  title=f"{manifest.name}: quality against compute (calibration data)")
-            print(f"plot written to {path}")
-        except PlotUnavailable as err:
-            print(f"offramp calibrate: {err}", file=sys.stderr)
-            status = 2
+        status = _plot(args.plot, calib, manifest, criteria, chosen, target, value) or status
     if args.write_default and results:
         best = best_result(results)
+        spec = ExitPolicy(best.criterion, tuple(best.thresholds))
+        path = write_manifest(bundle.root, manifest.model_copy(update={"default_policy": spec}))
+        print(f"default policy written to {path}: {best.criterion} {_show(best.thresholds)}")
+    return status
+
+
+def _plot(path: Path, calib: Any, manifest: Manifest, criteria: list[str],
+          chosen: dict[str, tuple[float, float, float]], target: str, value: float) -> int:
+    from server.control.plots import PlotUnavailable, plot_frontiers
+
+    curves = {c: frontier(calib, manifest, c) for c in criteria}
+    try:
+        written = plot_frontiers(curves, path, chosen=chosen, target=(target, value),
+                                 title=f"{manifest.name}: quality against compute (calibration data)")
+    except PlotUnavailable as err:
+        print(f"offramp calibrate: {err}", file=sys.stderr)
+        return 2
+    print(f"plot written to {written}")
+    return 0
+
+
+def _certified(args: argparse.Namespace, bundle: Any, calib: Any, criteria: list[str], target: str,
+               value: float) -> int:
+    """`offramp calibrate` with a guarantee: a table of held-out figures, the cheapest certified written."""
+    from server.bundle import write_manifest
+    from server.control.guarantee import guaranteed
+
+    manifest = bundle.manifest
+    results = {}
+    for criterion in criteria:
+        try:
+            results[criterion] = guaranteed(calib, manifest, criterion=criterion, confidence=args.confidence,
+                                            target_agreement=value if target == "target_agreement" else None,
+                                            target_accuracy=value if target == "target_accuracy" else None)
+        except ValueError as err:
+            print(f"{criterion}: {err}", file=sys.stderr)
+            if "must be in" in str(err):
+                return 2
+    what = "agreement" if target == "target_agreement" else "accuracy"
+    lines = [f"{manifest.name}: {len(calib.labels)} calibration samples, {what} >= {value:g} with probability "
+             f">= {args.confidence:g} (Learn then Test; held-out figures on the test part with a "
+             f"{args.confidence:.0%} Clopper-Pearson interval)",
+             f"{'criterion':<11}{'family':>11}{'compute':>9}{what:>10}{'interval':>17}  thresholds"]
+    for criterion, r in results.items():
+        q = r.held_out.agreement if what == "agreement" else r.held_out.accuracy
+        lines.append(f"{criterion:<11}{r.family:>11}{r.held_out.compute_fraction:>9.3f}{q:>10.4f}"
+                     f"{f'[{r.interval[0]:.4f}, {r.interval[1]:.4f}]':>17}  {_show(r.thresholds)}")
+    if not results:
+        print("\n".join(lines + ["no criterion can be certified"]))
+        return 1
+    best = min(results.values(), key=lambda r: r.held_out.compute_fraction)
+    lines.append(f"best: {best.criterion} (held-out compute {best.held_out.compute_fraction:.3f} of full depth"
+                 + ("" if best.certified else "; nothing certified: every exit off") + ")")
+    print("\n".join(lines))
+    status = 0
+    if args.plot is not None:  # the chosen points: held-out figures
+        chosen = {c: (r.held_out.compute_fraction, r.held_out.agreement, r.held_out.accuracy)
+                  for c, r in results.items()}
+        status = _plot(args.plot, calib, manifest, criteria, chosen, target, value)
+    if args.write_default:
         spec = ExitPolicy(best.criterion, tuple(best.thresholds))
         path = write_manifest(bundle.root, manifest.model_copy(update={"default_policy": spec}))
         print(f"default policy written to {path}: {best.criterion} {_show(best.thresholds)}")
