@@ -16,13 +16,8 @@ from model_export.data import load_digits_splits  # noqa: E402
 from model_export.export import (  # noqa: E402
     EXPORT_CONFIGS,
     ExportCheckError,
-    agreement_thresholds,
     check_export,
-    exit_shares,
-    export_bundle,
 )
-from model_export.heads import HEADS  # noqa: E402
-from model_export.vit import vit  # noqa: E402
 from server.bundle import load_bundle  # noqa: E402
 
 
@@ -94,24 +89,3 @@ def test_export_check_reports_every_mismatch(bundle_copy: Path) -> None:
     assert any("batch 1" in f for f in failures) and any("batch 37" in f for f in failures)
 
 
-def test_agreement_thresholds_keep_the_target() -> None:
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 500, 10)).astype(np.float32) * 3
-    logits[-1] = logits[1] + rng.normal(size=(500, 10)) * 0.5  # exit 1 mostly agrees with the final
-    thresholds = agreement_thresholds(logits, 0.95)
-    shares, agreement = exit_shares(logits, thresholds)
-    assert abs(sum(shares) - 1) < 1e-9
-    assert agreement >= 0.95
-    assert shares[1] > 0.1  # the agreeing exit is used
-
-
-@pytest.mark.parametrize("head", sorted(HEADS))
-def test_every_registered_head_exports_a_loadable_bundle(head: str, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = vit("tiny", depth=2, head=head).eval()
-    out = export_bundle(
-        model, tmp_path / head, load_digits_splits(), name=f"head-{head}", cfg=EXPORT_CONFIGS["vit-digits"]
-    )
-    stages = load_bundle(out).manifest.stages
-    assert [s.head for s in stages] == [head, head]
-    assert ("gate" in stages[0].output_names()) == model.has_gate
