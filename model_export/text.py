@@ -68,6 +68,9 @@ class EncoderConfig:
         if getattr(head_class(self.head), "needs_grid", False):
             problems.append(f"head {self.head!r} reads a patch grid; text models take heads that read one "
                             "pooled token (linear, shared, palbert, jei)")
+        positions = int(self.backbone.get("max_position_embeddings", self.max_length))
+        if self.max_length > positions:
+            problems.append(f"max_length {self.max_length} exceeds the backbone's {positions} position embeddings")
         if self.adapter_dim < 0 or self.num_classes < 2 or self.max_length < 2:
             problems.append("adapter_dim must be >= 0, num_classes >= 2 and max_length >= 2")
         if problems:

@@ -176,10 +176,12 @@ class Manifest(_Strict):
                 f"default_policy has {len(self.default_policy.thresholds)} thresholds, "
                 f"expected {len(self.stages) - 1} (one per early exit)"
             )
-        if self.text is not None and self.extra_inputs[:1] != [] and self.extra_inputs[0].name != "attention_mask":
-            problems.append("a text model's extra input must be 'attention_mask'")
-        if self.text is not None and not self.extra_inputs:
-            problems.append("a text model takes 'attention_mask' beside its token ids (extra_inputs)")
+        if self.text is not None and (self.input.name != "input_ids"
+                                      or [t.name for t in self.extra_inputs] != ["attention_mask"]):
+            problems.append("a text model takes 'input_ids' (input) and 'attention_mask' (extra_inputs), got "
+                            f"{[self.input.name, *(t.name for t in self.extra_inputs)]}")
+        if self.text is None and self.extra_inputs:
+            problems.append("extra_inputs (an attention mask) are served for text models only (set text)")
         if len(self.accuracy.per_stage) != len(self.stages):
             problems.append(
                 f"accuracy.per_stage has {len(self.accuracy.per_stage)} entries for {len(self.stages)} stages"

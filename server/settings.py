@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     """Text models on CPU: a stage batch whose rows differ in length runs as one run per bucket of
     this many tokens (1-16, 17-32, ...), each at its own longest length, instead of one run padded to
     the batch's longest (measured on the sentiment preset: 0.70x the stage time of one padded run,
-    docs/benchmarks.md). 0: one padded run. Answers do not change either way."""
+    docs/benchmarks.md). 0: one padded run. Answers are the same either way up to float rounding
+    (1e-5 on probabilities)."""
 
     max_queue_size: int = Field(1024, ge=1)
     """Samples that may wait or be in flight per model; beyond that new requests get 503 at once."""

@@ -15,13 +15,17 @@ batches with different lengths re-batch into one stage run (server/engine/runtim
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server.errors import BadRequest, BundleError
+
+if TYPE_CHECKING:
+    from server.bundle import Bundle
 
 TEXT_INPUT = "text"
 INPUT_IDS = "input_ids"
@@ -51,6 +55,8 @@ class TextTokenizer:
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encodings = self._tok.encode_batch(list(texts))
         lengths = [len(e.ids) for e in encodings]
+        if 0 in lengths:  # a tokenizer without special tokens turns "" into nothing: no row to attend over
+            raise BadRequest(f"sentence {lengths.index(0)} gives no tokens with this model's tokenizer")
         width = max(lengths, default=0)
         ids = np.full((len(texts), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(texts), width), dtype=np.int64)
@@ -69,6 +75,20 @@ class TextTokenizer:
                 raise BadRequest(f"input {name!r} element {i} is not valid UTF-8 ({err.reason} at byte "
                                  f"{err.start})") from None
         return self.encode(texts)
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer(path: str, sha256: str, max_length: int) -> TextTokenizer:
+    return TextTokenizer(path, max_length)
+
+
+def tokenizer_for(bundle: Bundle) -> TextTokenizer:
+    """The bundle's tokenizer, loaded once per file and setting (the engine loads it at start, so a
+    damaged tokenizer.json stops the server there, not at the first request)."""
+    text = bundle.manifest.text
+    if text is None:
+        raise BadRequest(f"model {bundle.name!r} does not take text")
+    return _tokenizer(str(bundle.root / text.file), text.sha256, text.max_length)
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,8 @@ def check_mask(ids: np.ndarray, mask: np.ndarray, max_length: int) -> None:
         raise BadRequest(f"sequences of {ids.shape[1]} tokens exceed this model's max_length {max_length}")
     if len(mask) == 0:
         return
+    if ids.shape[1] == 0:
+        raise BadRequest(f"{INPUT_IDS!r} has rows of 0 tokens; every row needs at least one")
     if not np.isin(mask, (0, 1)).all():
         raise BadRequest(f"{ATTENTION_MASK!r} must hold only 0 and 1")
     if mask.shape[1] and ((np.diff(mask, axis=1) > 0).any() or (mask[:, 0] == 0).any()):

@@ -23,7 +23,7 @@ from server.interface import InferResult
 from server.metrics import Metrics
 from server.policy import ExitPolicy
 from server.settings import Settings
-from server.text import TokenRows, check_mask
+from server.text import TokenRows, check_mask, tokenizer_for
 
 __all__ = ["Engine", "InferResult", "RunnerFactory"]
 
@@ -71,6 +71,8 @@ class Engine:
             return
         try:
             for name, bundle in self._bundles.items():
+                if bundle.manifest.text is not None:
+                    tokenizer_for(bundle)  # a damaged tokenizer.json stops the start, with its path
                 runner = await asyncio.to_thread(self._runner_factory, bundle, self.settings)
                 m = bundle.manifest
                 scheduler = ModelScheduler(

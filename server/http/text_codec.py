@@ -16,7 +16,6 @@ Everything wrong is a `BadRequest` naming the input.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,10 @@ import numpy as np
 
 from server.bundle import NUMPY_DTYPES, Bundle, InputSpec, Manifest
 from server.errors import BadRequest
-from server.text import ATTENTION_MASK, INPUT_IDS, TEXT_INPUT, TextTokenizer, TokenRows, check_mask
+from server.text import ATTENTION_MASK, INPUT_IDS, TEXT_INPUT, TokenRows, check_mask, tokenizer_for
+
+__all__ = ["Tensor", "decode_text_body", "decode_text_inputs", "encode_text_request", "input_metadata",
+           "serialize_bytes", "split_bytes", "tokenizer_for"]
 
 LENGTH_PREFIX = 4
 
@@ -38,19 +40,6 @@ class Tensor:
     shape: Any
     values: Any = None
     raw: memoryview | None = None
-
-
-@functools.lru_cache(maxsize=16)
-def _tokenizer(path: str, sha256: str, max_length: int) -> TextTokenizer:
-    return TextTokenizer(path, max_length)
-
-
-def tokenizer_for(bundle: Bundle) -> TextTokenizer:
-    """The bundle's tokenizer, loaded once per file and setting."""
-    text = bundle.manifest.text
-    if text is None:
-        raise BadRequest(f"model {bundle.name!r} does not take text")
-    return _tokenizer(str(bundle.root / text.file), text.sha256, text.max_length)
 
 
 def input_metadata(manifest: Manifest) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -55,6 +55,11 @@ def test_the_encoder_implements_the_protocol(tokenizer: TextTokenizer) -> None:
         check_model(torch.nn.Linear(2, 2))
 
 
+def test_max_length_must_fit_the_position_embeddings(tokenizer: TextTokenizer) -> None:
+    with pytest.raises(ValueError, match="position embeddings"):
+        EncoderConfig(backbone=tiny_bert_config(tokenizer.vocab_size), max_length=65)
+
+
 @pytest.mark.parametrize("kind", ["lgvit", "dmpo"])
 def test_heads_that_need_a_patch_grid_are_refused(tokenizer: TextTokenizer, kind: str) -> None:
     with pytest.raises(ValueError, match="patch grid"):
@@ -108,7 +113,11 @@ def test_export_checks_mixed_lengths_and_records_token_flops(tmp_path: Path, tok
 def test_a_broken_segment_fails_the_padding_checks(tmp_path: Path, tokenizer: TextTokenizer,
                                                    splits) -> None:  # noqa: ANN001
     model = encoder(tokenizer)
-    out = export_bundle(model, tmp_path / "b", splits, name="tiny-text", cfg=EXPORT_CONFIGS["encoder-text"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        export_bundle(model, tmp_path / "b", splits, name="tiny-text", cfg=EXPORT_CONFIGS["encoder-text"])
+    tok = write_wordpiece_tokenizer(tmp_path / "tok.json", list(TINY_WORDS))
+    out = export_bundle(model, tmp_path / "b", splits, name="tiny-text", cfg=EXPORT_CONFIGS["encoder-text"],
+                        tokenizer=tok)
     with torch.no_grad():
         model.heads[2].fc.bias.add_(1.0)  # PyTorch now differs from the exported last stage
     with pytest.raises(ExportCheckError) as err:

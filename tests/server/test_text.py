@@ -25,11 +25,11 @@ from server.bundle import Bundle, load_bundle  # noqa: E402
 from server.engine.engine import Engine  # noqa: E402
 from server.engine.runtime import OrtStageRunner  # noqa: E402
 from server.http.app import create_app  # noqa: E402
-from server.http.text_codec import serialize_bytes, tokenizer_for  # noqa: E402
+from server.http.text_codec import serialize_bytes  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
 from server.policy import ExitPolicy  # noqa: E402
 from server.settings import Settings  # noqa: E402
-from server.text import TextTokenizer, TokenRows, pad_concat  # noqa: E402
+from server.text import TextTokenizer, TokenRows, pad_concat, tokenizer_for  # noqa: E402
 from tests.fakes import ServerProcess  # noqa: E402
 
 MODEL = "text-tiny"
@@ -258,6 +258,8 @@ def test_long_sentences_are_truncated_to_max_length(client: TestClient, bundle: 
       {"name": "attention_mask", "datatype": "INT64", "shape": [1, 30], "data": [1] * 30}], b"", "max_length"),
     ([{"name": "input_ids", "datatype": "INT64", "shape": [1, 2], "data": [2, 3]},
       {"name": "attention_mask", "datatype": "INT64", "shape": [1, 3], "data": [1, 1, 1]}], b"", "shape"),
+    ([{"name": "input_ids", "datatype": "INT64", "shape": [2, 0], "data": []},
+      {"name": "attention_mask", "datatype": "INT64", "shape": [2, 0], "data": []}], b"", "0 tokens"),
     ([{"name": "input_ids", "datatype": "FP32", "shape": [1, 2], "data": [2, 3]},
       {"name": "attention_mask", "datatype": "INT64", "shape": [1, 2], "data": [1, 1]}], b"", "datatype"),
 ])
