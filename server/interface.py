@@ -11,7 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-from server.bundle import Bundle
+from server.bundle import Bundle, Calibration
 from server.policy import ExitPolicy
 from server.text import TokenRows
 
@@ -23,6 +23,16 @@ class InferResult:
     labels: np.ndarray  # int64 [N]
     probabilities: np.ndarray  # float32 [N, C]
     exit_stage: np.ndarray  # int32 [N], 0-based stage index
+
+
+@dataclass(frozen=True)
+class WindowView:
+    """A model's live calibration window (server/engine/window.py) as control/ sees it."""
+
+    calibration: Calibration | None  # labels: the full-depth labels; None while empty
+    samples: int
+    total: int  # traced samples completed since start
+    shadow_stage_rows: list[int]  # per stage, rows run only because they were traced
 
 
 class ServingEngine(Protocol):
@@ -41,6 +51,10 @@ class ServingEngine(Protocol):
 
     def set_policy(self, model: str, policy: ExitPolicy) -> None:
         """Swap the live policy; the caller has validated it (`ExitPolicy.checked`)."""
+        ...
+
+    def window(self, model: str) -> WindowView:
+        """The model's live calibration window (empty while `shadow_rate` is 0 or before start)."""
         ...
 
     async def start(self) -> None: ...

@@ -168,6 +168,24 @@ class Metrics:
             "offramp_shadow_disagreements", "Shadow-checked early exits that disagree with full depth.",
             ["model"], registry=r,
         )
+        self.window_samples = Gauge(
+            "offramp_window_samples", "Traced samples in the live calibration window.", ["model"], registry=r)
+        self.live_agreement = Gauge(
+            "offramp_live_agreement", "Agreement of the live policy with full depth on the live window.", ["model"],
+            registry=r)
+        self.live_agreement_lower = Gauge(
+            "offramp_live_agreement_lower",
+            "One-sided lower confidence bound of offramp_live_agreement (at the auto-calibration confidence).",
+            ["model"], registry=r)
+        self.live_exit_agreement = Gauge(
+            "offramp_live_exit_agreement", "Live agreement among the window samples the live policy answers at each "
+            "stage (NaN: none).", ["model", "stage"], registry=r)
+        self.window_shadow_flops = Gauge(
+            "offramp_window_shadow_flops", "FLOPs spent running traced samples on after their answer (cumulative).",
+            ["model"], registry=r)
+        self.auto_changes = Counter(
+            "offramp_auto_calibrations", "Policy changes made by auto-recalibration.", ["model", "action"],
+            registry=r)
         self.policy_store_up = Gauge(
             "offramp_policy_store_up",
             "1 while the policy store answers, 0 while it does not (this replica keeps its last policy).",
@@ -217,6 +235,20 @@ class Metrics:
     @_never_raises
     def store_up(self, store: str, up: bool) -> None:
         self.policy_store_up.labels(store).set(1.0 if up else 0.0)
+
+    @_never_raises
+    def live_window(self, model: str, live: dict[str, Any]) -> None:
+        self.window_samples.labels(model).set(live.get("window_samples", 0))
+        self.window_shadow_flops.labels(model).set(live.get("shadow_flops", 0.0))
+        if "agreement" in live:
+            self.live_agreement.labels(model).set(live["agreement"])
+            self.live_agreement_lower.labels(model).set(live["agreement_lower"])
+            for stage, a in enumerate(live.get("exit_agreement", [])):
+                self.live_exit_agreement.labels(model, str(stage)).set(float("nan") if a is None else a)
+
+    @_never_raises
+    def auto_change(self, model: str, action: str) -> None:
+        self.auto_changes.labels(model, action).inc()
 
     @_never_raises
     def shadow(self, model: str, checked: int, disagreements: int) -> None:

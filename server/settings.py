@@ -108,8 +108,17 @@ class Settings(BaseSettings):
     """Bearer token for `/admin`. Unset: the admin API is off (403). Never logged."""
 
     shadow_rate: float = Field(0.0, ge=0.0, le=1.0)
-    """Fraction of early-exited samples also run to full depth off the request path, to measure the
-    live agreement of early answers with the full model."""
+    """Fraction of request samples traced into the live calibration window: their exit outputs at
+    every stage are kept, and when they exit early they also run to full depth off the request path
+    (answers unchanged), to measure live agreement with the full model and recalibrate from it."""
+
+    window_size: int = Field(2000, ge=0)
+    """Traced samples kept per model in the live calibration window (the oldest leave first); memory
+    is window_size x stages x (classes + 2) float32. 0: no window."""
+
+    auto_interval_s: float = Field(2.0, gt=0)
+    """How often auto-recalibration looks at a model's live window (models opt in through the admin
+    API, docs/admin.md)."""
 
     header_timeout_s: float = Field(10.0, gt=0)
     """A connection must deliver a request's headers within this time of opening (or of its first

@@ -38,7 +38,7 @@ from server.bundle import (
 )
 from server.errors import NotFound
 from server.http import codec
-from server.interface import InferResult
+from server.interface import InferResult, WindowView
 from server.policy import ExitPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,12 @@ class FakeEngine:
     started: bool = False
     stopped_with: list[bool] = field(default_factory=list)
     applied: list[ExitPolicy] = field(default_factory=list)
+    window_: WindowView | None = None
+
+    def window(self, model: str) -> WindowView:
+        self.bundle(model)
+        empty = WindowView(None, 0, 0, [0] * self.bundle_.manifest.num_stages)
+        return self.window_ if self.window_ is not None else empty
 
     @property
     def ready(self) -> bool:

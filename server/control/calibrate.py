@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,7 @@ class PolicyReport:
     agreement: float  # share of answers equal to the final stage's label
     accuracy: float  # share of answers equal to the true label
     mean_exit_stage: float
+    exit_agreement: list[float | None] = field(default_factory=list)  # per stage, among its answers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +157,8 @@ def simulate(
         agreement=float((answer == final).mean()),
         accuracy=float((answer == calibration.labels).mean()),
         mean_exit_stage=float(stage_of.mean()),
+        exit_agreement=[float((answer[stage_of == s] == final[stage_of == s]).mean()) if counts[s] else None
+                        for s in range(num_stages)],
     )
 
 

@@ -99,6 +99,13 @@ class PolicyControl:
         out.update(applied=True, version=record.version, current_version=record.version)
         return out
 
+    def apply(self, model: str, policy: ExitPolicy, source: str, expected: int | None) -> ExitPolicy:
+        """A validated change from elsewhere in control/ (auto-recalibration): store, then serve."""
+        problems = policy.problems_for(self.engine.bundle(model).manifest)
+        if problems:
+            raise Unprocessable(f"invalid exit policy for {model}: " + "; ".join(problems))
+        return self._apply(model, policy, source, expected)
+
     def _apply(self, model: str, policy: ExitPolicy, source: str, expected: int | None) -> ExitPolicy:
         with self._apply_lock:
             record = self.store.update(model, policy, source, expected)

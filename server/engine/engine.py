@@ -19,7 +19,7 @@ from server.bundle import NUMPY_DTYPES, Bundle
 from server.engine.runtime import OrtStageRunner, StageRunner
 from server.engine.scheduler import ModelScheduler
 from server.errors import BadRequest, NotFound, NotReady
-from server.interface import InferResult
+from server.interface import InferResult, WindowView
 from server.metrics import Metrics
 from server.policy import ExitPolicy
 from server.settings import Settings
@@ -132,6 +132,14 @@ class Engine:
             self._policies[model] = policy  # the scheduler reports it from start on
             self.metrics.policy(model, policy.version, list(policy.thresholds))
         log.info("%s: exit policy now %s", model, policy.describe())
+
+    def window(self, model: str) -> WindowView:
+        self.bundle(model)
+        scheduler = self._schedulers.get(model)
+        if scheduler is None:
+            return WindowView(None, 0, 0, [0] * self._bundles[model].manifest.num_stages)
+        w = scheduler.window
+        return WindowView(w.calibration(), len(w), w.total, w.shadow_stage_rows.tolist())
 
     def device(self, model: str) -> str:
         """Where the model's stages run: "cuda" or "cpu"; "stopped" before start and after stop."""

@@ -41,6 +41,7 @@ class Chunk:
     sample: np.ndarray  # int64 [n], row index inside the owner request
     full: np.ndarray  # bool [n], early_exit disabled for this row
     early_label: np.ndarray  # int64 [n], shadow rows: the label answered early; else -1
+    trace: np.ndarray  # int64 [n], the live window's trace id (server/engine/window.py); -1: untraced
     state: ExitState
     rows: np.ndarray | None = None
     since: float = field(default_factory=time.monotonic)
@@ -51,7 +52,7 @@ class Chunk:
     def select(self, sel: np.ndarray) -> Chunk:
         rows = sel if self.rows is None else self.rows[sel]
         return Chunk(self.hidden, self.owners[sel], self.sample[sel], self.full[sel], self.early_label[sel],
-                      self.state.take(sel), rows, self.since)
+                     self.trace[sel], self.state.take(sel), rows, self.since)
 
     def alive(self) -> np.ndarray:
         return np.fromiter((o is None or not o.done for o in self.owners), dtype=bool, count=len(self))
@@ -71,13 +72,14 @@ class Batch:
 def merge(parts: list[Chunk]) -> Batch:
     if len(parts) == 1:  # the common case: no copies
         p = parts[0]
-        return Batch(Chunk(None, p.owners, p.sample, p.full, p.early_label, p.state), parts)
+        return Batch(Chunk(None, p.owners, p.sample, p.full, p.early_label, p.trace, p.state), parts)
     meta = Chunk(
         None,
         np.concatenate([p.owners for p in parts]),
         np.concatenate([p.sample for p in parts]),
         np.concatenate([p.full for p in parts]),
         np.concatenate([p.early_label for p in parts]),
+        np.concatenate([p.trace for p in parts]),
         ExitState.concat([p.state for p in parts]),
     )
     return Batch(meta, parts)

@@ -16,9 +16,8 @@ rows that could still join it. The deepest ready queue runs first, so requests i
 before new ones start; waiting a little at deeper stages is what lets survivors of consecutive
 batches merge. With `max_queue_delay_ms = 0` this is plain deepest-non-empty-first.
 
-Shadow checks: a `shadow_rate` share of early-exited rows keeps going to the last stage in
-separate queues that only run when no request work is waiting; their early label is compared
-with the full-depth label and fed to the metrics.
+Shadow checks: traced rows (a `shadow_rate` share, server/engine/window.py) that exit early go on
+to the last stage in queues that run only when no request work waits; metrics compare labels.
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import numpy as np
 from server.engine.direct import DIRECT_MAX_ROWS, FlopCounts, StageCosts, exit_step, row_tokens, run_direct
 from server.engine.rows import Batch, Chunk, PendingRequest, by_request, merge, post_result
 from server.engine.runtime import StageOutputs, StageRunner
+from server.engine.window import LiveWindow
 from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
 from server.exits import ExitState
 from server.interface import InferResult
@@ -64,7 +64,8 @@ class ModelScheduler:
         self.settings = settings
         self.metrics = metrics
         self._policy = policy
-        self._rng = np.random.default_rng(seed)
+        self.window = LiveWindow(self.num_stages, num_classes, settings.window_size, settings.shadow_rate,
+                                 np.random.default_rng(seed))
         self._cond = threading.Condition()
         self._queues: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
         self._shadow: list[deque[Chunk]] = [deque() for _ in range(self.num_stages)]
@@ -136,7 +137,7 @@ class ModelScheduler:
         owners = np.empty(n, dtype=object)
         owners.fill(req)
         chunk = Chunk(x, owners, np.arange(n, dtype=np.int64), np.full(n, not early_exit),
-                       np.full(n, -1, np.int64), ExitState.initial(n))
+                      np.full(n, -1, np.int64), self.window.begin(n), ExitState.initial(n))
         with self._cond:
             if not self._accepting:
                 raise NotReady(f"model {self.name!r} is not accepting requests")
@@ -312,6 +313,7 @@ class ModelScheduler:
             seconds = time.perf_counter() - start
             self._costs.observe(stage, len(batch), seconds)
             self.metrics.stage_run(self.name, stage, len(batch), seconds)
+            self.window.record(stage, batch.meta.trace, out.logits, out.gate, out.similarity, shadow=shadow)
             if shadow:
                 self._after_shadow(stage, batch.meta, out)
             else:
@@ -341,14 +343,14 @@ class ModelScheduler:
         if len(go_on):  # the gather happens when the next stage runs (merged with other survivors)
             rows = None if len(go_on) == n else go_on
             survivors = Chunk(out.hidden, batch.owners[go_on], batch.sample[go_on], batch.full[go_on],
-                               batch.early_label[go_on], state.take(go_on), rows)
-        if not last and self.settings.shadow_rate > 0:
-            pick = np.flatnonzero(exit_mask & alive & (self._rng.random(n) < self.settings.shadow_rate))
+                              batch.early_label[go_on], batch.trace[go_on], state.take(go_on), rows)
+        if not last and self.window.enabled:  # traced rows that exit go on to full depth as shadow work
+            pick = np.flatnonzero(exit_mask & alive & (batch.trace >= 0))
             pick = pick[:max(0, self.settings.max_queue_size - self._shadow_load)]
             if len(pick):
                 shadow = Chunk(out.hidden, np.empty(len(pick), dtype=object), batch.sample[pick],
-                                np.ones(len(pick), bool), labels[pick].astype(np.int64), state.take(pick),
-                                pick)
+                               np.ones(len(pick), bool), labels[pick].astype(np.int64), batch.trace[pick],
+                               state.take(pick), pick)
         finished: list[PendingRequest] = []
         with self._cond:
             answered, answered_rows = 0, []
@@ -380,12 +382,10 @@ class ModelScheduler:
 
     def _after_shadow(self, stage: int, batch: Chunk, out: StageOutputs) -> None:
         if stage == self.num_stages - 1:
-            disagreements = int((out.predicted() != batch.early_label).sum())
             with self._cond:
                 self._shadow_load -= len(batch)
-            self.metrics.shadow(self.name, len(batch), disagreements)
-            return
-        nxt = Chunk(out.hidden, batch.owners, batch.sample, batch.full, batch.early_label, batch.state)
+            return self.metrics.shadow(self.name, len(batch), int((out.predicted() != batch.early_label).sum()))
+        nxt = Chunk(out.hidden, batch.owners, batch.sample, batch.full, batch.early_label, batch.trace, batch.state)
         with self._cond:
             self._shadow[stage + 1].append(nxt)
             self._cond.notify_all()

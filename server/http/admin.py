@@ -16,6 +16,7 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 from starlette.concurrency import run_in_threadpool
 
+from server.control.auto import AutoCalibrator, AutoConfig
 from server.control.calibrate import TARGETS
 from server.control.policies import PolicyControl
 from server.errors import Forbidden, PreconditionFailed, Unauthorized
@@ -52,8 +53,20 @@ class CalibrateBody(BaseModel):
     dry_run: StrictBool = False
 
 
-def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
-    """The `/admin` router over the live policies `control` manages."""
+class AutoBody(BaseModel):
+    """PUT auto-calibration body (server/control/auto.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: StrictBool
+    target_agreement: float = Field(0.99, gt=0.5, lt=1.0)
+    confidence: float = Field(0.95, ge=0.5, lt=1.0)
+    min_samples: int = Field(200, ge=20)
+    hysteresis: float = Field(0.005, ge=0.0, lt=0.5)
+    min_saving: float = Field(0.02, ge=0.0, lt=1.0)
+
+
+def build_admin_router(control: PolicyControl, settings: Settings, auto: AutoCalibrator | None = None) -> APIRouter:
+    """The `/admin` router over the live policies `control` manages (and `auto`'s controller)."""
     token = settings.admin_token
 
     def authorize(request: Request) -> None:
@@ -100,6 +113,17 @@ def build_admin_router(control: PolicyControl, settings: Settings) -> APIRouter:
         out = await run_in_threadpool(control.calibrate, model, targets, body.criterion, body.dry_run,
                                       _if_match(request) if len(targets) == 1 else None, body.confidence)
         return JSONResponse(out, headers={"ETag": f'"{out["current_version"]}"'})
+
+    if auto is not None:
+        @router.get("/models/{model}/auto-calibration")
+        async def get_auto(model: str) -> dict[str, Any]:
+            return await run_in_threadpool(auto.describe, model)
+
+        @router.put("/models/{model}/auto-calibration", responses=changes,
+                    openapi_extra={"requestBody": _schema_body(AutoBody)})
+        async def put_auto(model: str, request: Request) -> dict[str, Any]:
+            body = parse_model(AutoBody, parse_json(await read_body(request, MAX_ADMIN_BODY, settings.body_timeout_s)))
+            return await run_in_threadpool(auto.configure, model, AutoConfig(**body.model_dump()))
 
     @router.get("/models/{model}/exit-policy/history")
     async def get_history(model: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server import __version__
 from server.bundle import Bundle, load_bundle
+from server.control.auto import AutoCalibrator
 from server.control.policies import PolicyControl
 from server.control.stores import build_store, build_sync
 from server.errors import BundleError
@@ -57,11 +58,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     sync = app.state.policy_sync
     if sync is not None:
         sync.start()  # from now on, changes made through other replicas apply here too
+    auto_task = asyncio.create_task(app.state.auto.run())  # idle until a model opts in
     try:
         yield
     finally:
         # uvicorn runs this after the connections with requests in flight have been answered.
         app.state.draining = True
+        auto_task.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=settings.request_timeout_s)  # answers the calls in flight
         if sync is not None:
@@ -89,7 +92,9 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
         engine = Engine(bundles, settings, metrics, policies)
 
     control = PolicyControl(engine, store)
+    auto = AutoCalibrator(engine, control, metrics, settings.auto_interval_s)
     app = _app("offramp", lifespan=_lifespan)
+    app.state.auto = auto
     app.state.engine = engine
     app.state.settings = settings
     app.state.metrics = metrics
@@ -102,7 +107,7 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     routes = list(v2.routes)
     if settings.admin_port is None:  # else create_admin_app serves it on its own listener
-        admin = build_admin_router(control, settings)
+        admin = build_admin_router(control, settings, auto)
         app.include_router(admin)
         routes += admin.routes
     _finish(app, routes, lambda: bool(app.state.draining))
@@ -115,7 +120,7 @@ def create_admin_app(app: FastAPI) -> FastAPI:
     store; it has no lifespan: `app`'s starts and stops the engine."""
     admin_app = _app("offramp admin")
     admin_app.state.draining = False
-    router = build_admin_router(app.state.control, app.state.settings)
+    router = build_admin_router(app.state.control, app.state.settings, app.state.auto)
     admin_app.include_router(router)
     _finish(admin_app, router.routes, lambda: bool(app.state.draining))
     return admin_app
