@@ -12,10 +12,12 @@ import pytest
 from fastapi import FastAPI
 
 from server.bundle import Bundle, Calibration, InputSpec, Manifest, StageSpec, TensorSpec
+from server.control.auto import AutoCalibrator
 from server.control.policies import PolicyControl
 from server.control.store import FilePolicyStore, startup_policy
 from server.http.admin import DISABLED, build_admin_router
 from server.http.bodies import install_error_handlers
+from server.metrics import Metrics
 from server.policy import ExitPolicy
 from server.settings import Settings
 from tests.fakes import FakeEngine
@@ -62,7 +64,9 @@ def setup(tmp_path: Path) -> tuple[FakeEngine, FilePolicyStore, Bundle]:
 
 def client(engine: FakeEngine, store: FilePolicyStore, token: str | None = TOKEN) -> httpx.AsyncClient:
     app = FastAPI()
-    app.include_router(build_admin_router(PolicyControl(engine, store), Settings(admin_token=token)))
+    control = PolicyControl(engine, store)
+    auto = AutoCalibrator(engine, control, Metrics())
+    app.include_router(build_admin_router(control, Settings(admin_token=token), auto))
     install_error_handlers(app)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
@@ -199,6 +203,30 @@ def test_concurrent_puts_with_if_match_one_wins(setup) -> None:
     statuses = run(go())
     assert sorted(statuses) == [200] + [412] * 7
     assert engine.policy("fake").version == 2 and store.get("fake").version == 2
+
+
+def test_auto_calibration_routes(setup) -> None:
+    engine, store, _ = setup
+    path = "/admin/models/fake/auto-calibration"
+
+    async def go() -> None:
+        async with client(engine, store) as c:
+            assert (await c.get(path)).status_code == 401
+            r = await c.put(path, json={"enabled": True, "target_agreement": 0.98, "min_samples": 50}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["enabled"] and body["target_agreement"] == 0.98 and body["min_samples"] == 50
+            assert body["live"]["window_samples"] == 0 and body["last_action"] is None  # no window yet
+            got = (await c.get(path, headers=AUTH)).json()
+            assert got["enabled"] and got["confidence"] == 0.95
+            for bad in [{}, {"enabled": "yes"}, {"enabled": True, "target_agreement": 1.5},
+                        {"enabled": True, "min_samples": 3}, {"enabled": True, "surprise": 1}]:
+                r = await c.put(path, json=bad, headers=AUTH)
+                assert r.status_code == 422, (bad, r.text)
+            assert (await c.get("/admin/models/nope/auto-calibration", headers=AUTH)).status_code == 404
+            assert (await c.put(path, json={"enabled": False}, headers=AUTH)).json()["enabled"] is False
+
+    run(go())
 
 
 def test_calibrate_certifies_the_target_by_default(tmp_path: Path) -> None:
