@@ -49,6 +49,13 @@ def settings_docs() -> dict[str, str]:
     return {name: " ".join((field.description or "").split()) for name, field in Settings.model_fields.items()}
 
 
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes", "on")
+
+
 def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
     """argparse `type` and `choices` for a field annotation (`X | None` counts as X)."""
     origin = typing.get_origin(annotation)
@@ -60,6 +67,8 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]
         return str, choices
     if annotation is SecretStr:
         return str, None
+    if annotation is bool:
+        return _boolean, None
     if annotation in (int, float, str, Path):
         return annotation, None
     raise TypeError(f"no flag type for settings annotation {annotation!r}")

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     """Traced samples kept per model in the live calibration window (the oldest leave first); memory
     is window_size x stages x (classes + 2) float32. 0: no window."""
 
+    persist_window: bool = False
+    """Keep each model's live window across restarts: saved beside the policy state
+    (`<state_dir>/<model>.window.npz`) when the server stops, read back when it starts."""
+
     auto_interval_s: float = Field(2.0, gt=0)
     """How often auto-recalibration looks at a model's live window (models opt in through the admin
     API, docs/admin.md)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -80,6 +81,9 @@ class Engine:
                     settings=self.settings, metrics=self.metrics, policy=self._policies[name],
                     flop_curves=[s.flops_curve for s in m.stages],
                 )  # from here on the scheduler owns the live policy
+                if self.settings.persist_window and scheduler.window.enabled:
+                    read = scheduler.window.load(self._window_file(name))
+                    log.info("%s: %d live-window records read back", name, read)
                 scheduler.start()
                 self._schedulers[name] = scheduler
                 log.info("%s: serving %d stages, policy %s", name, m.num_stages,
@@ -96,6 +100,12 @@ class Engine:
         for name, scheduler in schedulers.items():
             self._policies[name] = scheduler.policy  # the engine owns it again
         await asyncio.gather(*(s.stop(drain=drain) for s in schedulers.values()))
+        for name, scheduler in schedulers.items():
+            if self.settings.persist_window and len(scheduler.window):
+                scheduler.window.save(self._window_file(name))
+
+    def _window_file(self, model: str) -> Path:
+        return self.settings.resolved_state_dir / f"{model}.window.npz"
 
     @property
     def ready(self) -> bool:

@@ -202,3 +202,28 @@ def test_exactly_one_replica_writes_through_the_real_redis_store(tmp_path: Path,
     assert sum(a is not None for a in actions) == 1  # one writer; the other's compare-and-set failed
     history = replicas[1][2].history(MODEL)
     assert [h.source.split(" ")[0] for h in history] == ["bundle-default", "auto"] and history[-1].version == 2
+
+
+def test_the_window_survives_a_restart_when_persisted(dense, tmp_path: Path) -> None:  # noqa: ANN001
+    x = np.random.default_rng(4).uniform(0, 16, (30, 8, 8)).astype(np.float32)
+    settings = Settings(shadow_rate=1.0, window_size=100, persist_window=True, state_dir=tmp_path,
+                        intra_op_threads=1, max_queue_delay_ms=0)
+
+    async def serve(send: bool) -> int:
+        engine = Engine([dense], settings, Metrics())
+        await engine.start()
+        try:
+            if send:
+                for i in range(0, 30, 3):
+                    await engine.infer(dense.name, x[i:i + 3])
+                for _ in range(200):  # bounded wait for the shadow work
+                    if engine.window(dense.name).samples == 30:
+                        break
+                    await asyncio.sleep(0.01)
+            return engine.window(dense.name).samples
+        finally:
+            await engine.stop()
+
+    assert asyncio.run(serve(True)) == 30
+    assert (tmp_path / f"{dense.name}.window.npz").is_file()
+    assert asyncio.run(serve(False)) == 30  # read back at start
