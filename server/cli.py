@@ -41,19 +41,19 @@ log = logging.getLogger("offramp.cli")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # uvicorn may cancel requests still running this long after the longest allowed request.
 SHUTDOWN_GRACE_S = 5
-_METAVARS: dict[Any, str] = {int: "N", float: "NUM", Path: "DIR"}
-
-
-def settings_docs() -> dict[str, str]:
-    """Each Settings field's docstring, on one line (pydantic keeps them as descriptions)."""
-    return {name: " ".join((field.description or "").split()) for name, field in Settings.model_fields.items()}
-
-
 def _boolean(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value in ("true", "1", "yes", "on")
+
+
+_METAVARS: dict[Any, str] = {int: "N", float: "NUM", Path: "DIR", _boolean: "BOOL"}
+
+
+def settings_docs() -> dict[str, str]:
+    """Each Settings field's docstring, on one line (pydantic keeps them as descriptions)."""
+    return {name: " ".join((field.description or "").split()) for name, field in Settings.model_fields.items()}
 
 
 def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]:
