@@ -82,6 +82,27 @@ class MultiExitModel(Protocol):
         ...
 
 
+class ExitStages:
+    """What the built-in families share of the protocol: stages from `stage_blocks`, the head kind
+    from `cfg.head`, gates from the heads (a mixin for `nn.Module`s with those attributes)."""
+
+    stage_blocks: list[list[int]]
+    cfg: Any
+    heads: Any
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_blocks)
+
+    @property
+    def head_kind(self) -> str:
+        return str(self.cfg.head)
+
+    @property
+    def has_gate(self) -> bool:
+        return bool(self.heads[0].has_gate)
+
+
 def next_stage_inputs(model: MultiExitModel, i: int, inputs: dict[str, Any], hidden: Any) -> dict[str, Any]:
     """Stage i+1's inputs: `hidden_in` = stage i's `hidden`, the carried model inputs unchanged."""
     from server.bundle import HIDDEN_IN

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.heads import ExitHead, build_head, head_class
+from model_export.protocol import ExitStages
 from model_export.vit import EAdapters, _init_weights
 from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
 from server.text import ATTENTION_MASK, INPUT_IDS, TextTokenizer
@@ -106,7 +107,7 @@ def _bert_config(d: dict[str, Any]) -> Any:
     return cfg
 
 
-class MultiExitEncoder(nn.Module):
+class MultiExitEncoder(ExitStages, nn.Module):
     """A BERT-family encoder with exit heads; implements `model_export.protocol.MultiExitModel`."""
 
     def __init__(self, cfg: EncoderConfig, bert: nn.Module | None = None):
@@ -146,18 +147,6 @@ class MultiExitEncoder(nn.Module):
     # -- the protocol ------------------------------------------------------------------------------
 
     family = "encoder"
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stage_blocks)
-
-    @property
-    def head_kind(self) -> str:
-        return self.cfg.head
-
-    @property
-    def has_gate(self) -> bool:
-        return bool(self.heads[0].has_gate)
 
     def input_specs(self) -> list[TensorSpec]:
         return [TensorSpec(name=INPUT_IDS, shape=[-1, -1], dtype="INT64"),

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.heads import ExitHead, build_head, head_class
+from model_export.protocol import ExitStages
 from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
 
 PIXELS = "pixels"
@@ -197,7 +198,7 @@ class PatchEmbed(nn.Module):
         return torch.cat([cls, tokens], dim=1) + self.pos_embed
 
 
-class MultiExitViT(nn.Module):
+class MultiExitViT(ExitStages, nn.Module):
     """ViT with exit heads; stage i = blocks after the previous exit up to exit i, then head i."""
 
     def __init__(self, cfg: ViTConfig):
@@ -237,18 +238,6 @@ class MultiExitViT(nn.Module):
 
     family = "vit"
     input_name = PIXELS
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.stage_blocks)
-
-    @property
-    def head_kind(self) -> str:
-        return self.cfg.head
-
-    @property
-    def has_gate(self) -> bool:
-        return bool(self.heads[0].has_gate)
 
     def input_specs(self) -> list[TensorSpec]:
         cfg = self.cfg
