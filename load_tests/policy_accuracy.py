@@ -54,7 +54,7 @@ def evaluate(bundle_dir: Path, targets: list[float]) -> dict[str, Any]:
     full, _ = asyncio.run(_answers(bundle, m.default_policy.with_version(1), data, early=False))
     policies = {"default": m.default_policy}
     for t in targets:
-        policies[f"calibrated {t:g}"] = ExitPolicy(
+        policies[f"in-sample point estimate {t:g}"] = ExitPolicy(
             m.default_policy.criterion, tuple(calibrate(bundle.calibration(), m, target_agreement=t).thresholds))
     cum = np.asarray(m.cumulative_flops(), float)
     rows = [{"policy": "full depth", "thresholds": None, "accuracy": float((full == data.y).mean()),
