@@ -272,29 +272,51 @@ def halting_distribution(gates: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(probs)
 
 
+def geometric_prior(num_stages: int, lambda_p: float) -> torch.Tensor:
+    """PALBERT's prior over the halting stage (tinkoff-ai/palbert `src/loss.py` RegularizationLoss):
+    p_g[k] = lambda_p (1 - lambda_p)^k, the last stage taking the remaining mass."""
+    prior = torch.zeros(num_stages)
+    not_halted = 1.0
+    for k in range(num_stages):
+        prior[k] = not_halted * lambda_p
+        not_halted *= 1 - lambda_p
+    prior[-1] = 1 - prior[:-1].sum()
+    return prior
+
+
+def prior_kl(p: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """KL(prior || p) averaged over the batch, p [S, N]: what PALBERT's `KLDivLoss(p.log(), p_g)` with
+    `reduction="batchmean"` computes (the prior first: it penalises halting distributions that put
+    little mass where the prior has some)."""
+    prior = prior[:, None].expand_as(p)
+    return (prior * (torch.log(prior.clamp_min(1e-12)) - torch.log(p.clamp_min(1e-8)))).sum(0).mean()
+
+
 @register_recipe
 class PALBERT(Recipe):
+    """PALBERT (Balagansky & Gavrilov 2022), following tinkoff-ai/palbert `src/loss.py`: PonderNet's
+    expected task loss under the halting distribution plus beta KL(prior || p) to a geometric prior
+    with lambda_p, beta 0.5 and lambda_p 0.1 as the issue's reading of the official code says.
+    Deliberate deviations: per-exit classifiers and lambda layers (the official code shares one of
+    each, with a layer position embedding), and our label smoothing."""
+
     name = "palbert"
-    summary = "PonderNet loss on PALBERT's lambda layers: expected loss under halting + KL to a geometric prior"
+    summary = "PonderNet loss on PALBERT's lambda layers: expected loss under halting + KL(prior || p), geometric prior"
     criterion = "q_exit"
     heads = ("palbert",)
     default_head = "palbert"
-    beta: ClassVar[float] = 0.05
-    prior_lambda: ClassVar[float] = 0.2
+    beta: ClassVar[float] = 0.5
+    prior_lambda: ClassVar[float] = 0.1
 
     def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-        s = model.num_stages
-        prior = self.prior_lambda * (1 - self.prior_lambda) ** torch.arange(s, dtype=torch.float32)
-        prior = prior / prior.sum()
+        prior = geometric_prior(model.num_stages, self.prior_lambda)
         beta = self.beta
 
         def objective(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
             outs = m.forward_all(x)
             p = halting_distribution([o[GATE] for o in outs])  # [S, N]
             ce = exit_ce(outs, y, cfg.label_smoothing, reduction="none")  # [S, N]
-            reconstruction = (p * ce).sum(0).mean()
-            kl = (p * (torch.log(p.clamp_min(1e-8)) - torch.log(prior)[:, None])).sum(0).mean()
-            return reconstruction + beta * kl
+            return (p * ce).sum(0).mean() + beta * prior_kl(p, prior)
 
         return train(model, data, cfg, progress=progress, objective=objective)
 

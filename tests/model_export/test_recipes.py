@@ -137,3 +137,19 @@ def test_offramp_train_writes_a_bundle(tmp_path: Path, capsys: pytest.CaptureFix
     assert "noise" in m.input.preprocessing and "digits-mue-shared-hard" in capsys.readouterr().out
     args = parser.parse_args(["train", "--recipe", "jei", "--head", "linear", "--out", str(tmp_path / "c")])
     assert args.func(args) == 2
+
+
+def test_palbert_regulariser_is_kl_of_the_prior_to_p_as_the_official_code() -> None:
+    import math
+
+    from model_export.recipes import geometric_prior, prior_kl
+
+    prior = geometric_prior(3, 0.1)
+    assert prior.tolist() == pytest.approx([0.1, 0.09, 0.81])  # the last stage takes the rest
+    p = torch.tensor([[0.5, 0.2], [0.25, 0.3], [0.25, 0.5]])  # [S, N]
+    want = sum(q * math.log(q / pi) for q, pi in zip([0.1, 0.09, 0.81], [0.5, 0.25, 0.25], strict=True))
+    want += sum(q * math.log(q / pi) for q, pi in zip([0.1, 0.09, 0.81], [0.2, 0.3, 0.5], strict=True))
+    assert prior_kl(p, prior).item() == pytest.approx(want / 2, rel=1e-5)
+    # KLDivLoss(p.log(), prior, batchmean) on [N, S], as tinkoff-ai/palbert calls it:
+    ref = torch.nn.KLDivLoss(reduction="batchmean")(p.T.log(), prior[None].expand(2, 3))
+    assert prior_kl(p, prior).item() == pytest.approx(ref.item(), rel=1e-5)
