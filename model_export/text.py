@@ -9,8 +9,9 @@ Every stage takes the attention mask beside its input, with dynamic batch *and* 
 Exit heads come from the registry (model_export/heads.py), fed the *pooled* hidden state as a
 one-token tensor: `mean` (over the mask, what sentence-transformers trained MiniLM with) or
 `cls` (the first token). Heads that need a patch grid (lgvit, dmpo) do not fit text and are refused.
-`similarity` (MuE's head-free signal) is the cosine similarity of the pooled state before and after
-a stage. `adapter_dim > 0` adds MET's exit-specific adapters after every layer (model_export/vit.py
+`similarity` (MuE's head-free signal) is the cosine similarity of the whole hidden state before and
+after a stage, flattened with its padding zeroed (so padding changes nothing), stage 0 against the
+embeddings. `adapter_dim > 0` adds MET's exit-specific adapters after every layer (model_export/vit.py
 `EAdapters`), for frozen-backbone tuning.
 
 The padding mask is additive (-1e9 on padded keys), so a row's outputs do not depend on how much
@@ -159,9 +160,7 @@ class MultiExitEncoder(ExitStages, nn.Module):
         names = [HIDDEN, LOGITS]
         if self.has_gate:
             names.append(GATE)
-        if i > 0:
-            names.append(SIMILARITY)
-        return names
+        return [*names, SIMILARITY]
 
     def dynamic_axes(self, name: str) -> dict[int, str]:
         return {0: "batch"} if name in (LOGITS, GATE, SIMILARITY) else {0: "batch", 1: "sequence"}
@@ -200,8 +199,8 @@ class MultiExitEncoder(ExitStages, nn.Module):
         pooled = self.pool(hidden, mask)
         before = self.pool(tokens, mask)
         out = {HIDDEN: hidden, **self.heads[i](pooled, before)}
-        if i > 0:
-            out[SIMILARITY] = F.cosine_similarity(before[:, 0], pooled[:, 0], dim=-1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        out[SIMILARITY] = F.cosine_similarity((tokens * m).flatten(1), (hidden * m).flatten(1), dim=-1)
         return out
 
     def segment(self, i: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

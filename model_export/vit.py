@@ -4,9 +4,10 @@ Backbone after "An Image is Worth 16x16 Words: Transformers for Image Recognitio
 (Dosovitskiy et al., 2020, https://arxiv.org/abs/2010.11929), laid out like timm's
 `vision_transformer.py`, with an exit head after every block or after a chosen subset of blocks
 as in "Multi-Exit Vision Transformer for Dynamic Inference" (Bakhtiarnia et al., 2021,
-https://arxiv.org/abs/2106.15183). The head-free exit signal `similarity` (cosine similarity of
-the class token before and after a stage) follows MuE, "You Need Multiple Exiting" (Tang et al.,
-2023, https://arxiv.org/abs/2211.11152).
+https://arxiv.org/abs/2106.15183). The head-free exit signal `similarity` follows MuE, "You Need
+Multiple Exiting" (Tang et al., 2023, https://arxiv.org/abs/2211.11152; Tangshengku/OFA
+`TransformerEncoder_MuE`): the cosine similarity of the whole flattened hidden state before and
+after a stage, stage 0 comparing its output with the patch embeddings, so stage 0 can exit too.
 
 The model is cut into *stages*: stage i runs the blocks up to and including its exit, then its
 exit head. Stage 0 also holds the input normalisation and the patch embedding, so a client sends
@@ -261,9 +262,7 @@ class MultiExitViT(ExitStages, nn.Module):
         names = [HIDDEN, LOGITS]
         if self.has_gate:
             names.append(GATE)
-        if i > 0:
-            names.append(SIMILARITY)
-        return names
+        return [*names, SIMILARITY]
 
     def stage_modules(self, i: int) -> list[nn.Module]:
         """Modules whose parameters belong to stage i (its exit head included)."""
@@ -298,8 +297,7 @@ class MultiExitViT(ExitStages, nn.Module):
         tokens = self._stage_input(i, x)
         hidden = self._blocks(i, tokens)
         out = {HIDDEN: hidden, **self.forward_exit(i, hidden, tokens)}
-        if i > 0:
-            out[SIMILARITY] = F.cosine_similarity(tokens[:, 0], hidden[:, 0], dim=-1)
+        out[SIMILARITY] = F.cosine_similarity(tokens.flatten(1), hidden.flatten(1), dim=-1)
         return out
 
     def forward_segment(self, i: int, x: torch.Tensor) -> dict[str, torch.Tensor]:

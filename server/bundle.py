@@ -9,11 +9,11 @@ Tensor names are fixed by role so that every head kind serves through the same e
 
 - stage 0 takes the model input (`manifest.input.name`); stage k > 0 takes `hidden_in`;
 - every stage outputs `hidden` (its hidden state, [N, ...]) and `logits` ([N, C]);
-- optionally `gate` ([N], a learned exit probability in [0, 1]) and, for k > 0, `similarity`
-  ([N], cosine similarity of the class token before and after the stage, MuE).
+- optionally `gate` ([N], a learned exit probability in [0, 1]) and `similarity` ([N], MuE's cosine
+  similarity of the hidden state before and after the stage; older bundles have it for k > 0 only).
 
 `calibration.npz` holds `labels` (int64 [N]), `logits` (float32 [S, N, C]) and, when the
-stages have them, `gate` and `similarity` (float32 [S, N]; similarity is NaN at stage 0), all on
+stages have them, `gate` and `similarity` (float32 [S, N]; similarity is NaN where a stage has none), all on
 the held-out validation split.
 """
 
@@ -230,7 +230,7 @@ class Calibration(BaseModel):
     labels: np.ndarray  # int64 [N]
     logits: np.ndarray  # float32 [S, N, C]
     gate: np.ndarray | None = None  # float32 [S, N]
-    similarity: np.ndarray | None = None  # float32 [S, N], NaN at stage 0
+    similarity: np.ndarray | None = None  # float32 [S, N], NaN where a stage has none (stage 0 of older bundles)
 
     @classmethod
     def load(cls, path: Path) -> Calibration:

@@ -34,7 +34,7 @@ class Criterion:
 
     name: str
     reads: str | None = None  # the stage output it needs besides the logits (`gate`, `similarity`)
-    first_stage: int = 0  # the first stage with that output (similarity: stage 0 has nothing before it)
+    first_stage: int = 0  # the first stage that must have that output (similarity: older bundles lack it at 0)
     integer: bool = False  # thresholds are whole numbers (patience)
     lo: float = 0.0  # valid thresholds, inclusive; `hi` None means the number of stages
     hi: float | None = 1.0

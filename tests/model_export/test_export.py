@@ -59,7 +59,7 @@ def test_manifest_describes_the_model(tiny_bundle: Path) -> None:
     m = load_bundle(tiny_bundle).manifest
     assert m.input.name == "pixels" and m.input.shape == [-1, 8, 8] and m.input.dtype == "FP32"
     assert [s.inputs[0].name for s in m.stages] == ["pixels", "hidden_in", "hidden_in"]
-    assert [s.output_names() for s in m.stages][1:] == [["hidden", "logits", "similarity"]] * 2
+    assert [s.output_names() for s in m.stages] == [["hidden", "logits", "similarity"]] * 3
     assert all(s.flops > 0 and s.params > 0 for s in m.stages)
     cumulative = m.cumulative_flops()
     assert all(a < b for a, b in zip(cumulative, cumulative[1:], strict=False))
@@ -71,8 +71,12 @@ def test_calibration_holds_every_exit_on_validation(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     calib = bundle.calibration()
     assert calib.logits.shape == (3, 270, 10) and calib.labels.shape == (270,)
-    assert calib.similarity is not None and np.isnan(calib.similarity[0]).all()
-    assert np.isfinite(calib.similarity[1:]).all()
+    assert calib.similarity is not None and np.isfinite(calib.similarity).all()  # stage 0 included (MuE)
+    # ... so the similarity criterion can answer at stage 0, as MuE's does (it could not before).
+    from server.control.calibrate import simulate
+
+    report = simulate(calib, "similarity", [-1.0, None], bundle.manifest)
+    assert report.exit_counts[0] == 270
 
 
 def test_export_check_reports_every_mismatch(bundle_copy: Path) -> None:

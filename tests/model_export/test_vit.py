@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -41,7 +42,7 @@ def test_segment_outputs_follow_the_bundle_names() -> None:
     with torch.no_grad():
         first = model.forward_segment(0, _raw(4))
         second = model.forward_segment(1, first["hidden"])
-    assert list(first) == ["hidden", "logits"]
+    assert list(first) == ["hidden", "logits", "similarity"]  # MuE: stage 0 against the embeddings
     assert list(second) == ["hidden", "logits", "similarity"]
     assert first["hidden"].shape == (4, model.cfg.num_patches + 1, model.cfg.embed_dim)
     assert second["similarity"].shape == (4,)
@@ -99,3 +100,16 @@ def test_every_registered_head_gives_logits() -> None:
 def test_head_registry_refuses_duplicates() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_head("linear")(type("Again", (ExitHead,), {}))
+
+
+def test_similarity_is_mues_whole_hidden_state_cosine_from_stage_0() -> None:
+    model = vit("tiny").eval()
+    x = _raw(3)
+    with torch.no_grad():
+        outs = model.forward_all(x)
+        before = model.embed(x)
+        for out in outs:
+            a, b = before.flatten(1).numpy().astype(np.float64), out["hidden"].flatten(1).numpy().astype(np.float64)
+            want = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            np.testing.assert_allclose(out["similarity"].numpy(), want, rtol=1e-5)
+            before = out["hidden"]
