@@ -5,11 +5,13 @@ sample may exit at an early stage when `score >= threshold` (for entropy, when t
 entropy is `<= threshold`; its score is the negated entropy). A threshold of `None` disables that
 exit. The last stage always answers.
 
-- `max_prob`: largest softmax probability (DeeBERT, MET, LGViT).
+- `max_prob`: largest softmax probability (MET, LGViT).
 - `margin`: top-1 minus top-2 softmax probability.
-- `entropy`: entropy of the softmax divided by log(C), in [0, 1] (BranchyNet).
+- `entropy`: entropy of the softmax divided by log(C), in [0, 1] (BranchyNet). DeeBERT thresholds
+  the entropy in nats: its threshold S corresponds to ours S / ln(C).
 - `patience`: number of consecutive exits, this one included, that predicted the same label;
-  exit when it reaches the threshold, an integer (PABEE).
+  exit when it reaches the threshold, an integer. PABEE counts the exits *after* the first that
+  agree with it: PABEE's patience t is our threshold t + 1.
 - `similarity`: cosine similarity of the hidden state before and after the stage, head-free (MuE).
 - `gate`: the stage's learned exit probability (JEI-DNN style gate).
 - `q_exit`: cumulative exit probability 1 - prod_j (1 - gate_j) over the stages so far (PALBERT).
