@@ -142,73 +142,94 @@ class SharedHead(LinearHead):
     shared = True
 
 
-class LocalPerception(nn.Module):
-    """LGViT's local perception head body: 1x1 conv, 3x3 depthwise conv, 1x1 conv with a residual
-    on the patch tokens as a grid, then average pooling. Convolutions add the locality that
-    shallow ViT tokens lack."""
+TOKENS = "tokens"
+"""Heads that transform the tokens (LGViT's) also return them, [N, T', D], for LGViT's distillation."""
 
-    def __init__(self, dim: int, grid: tuple[int, int], expand: int = 2):
+
+class LocalPerception(nn.Module):
+    """LGViT's local perception head body (falcon-xu/LGViT `highway.py`, `conv1_1` / `conv2_1`): the
+    patch tokens as a grid, 1x1 conv, GELU, BN, [3x3 depthwise conv, GELU, BN,] 1x1 conv, BN, plus
+    the grid itself. Convolutions add the locality that shallow ViT tokens lack."""
+
+    def __init__(self, dim: int, grid: tuple[int, int], expand: int = 2, depthwise: bool = True):
         super().__init__()
         self.grid = grid
         hidden = dim * expand
-        self.pw1 = nn.Conv2d(dim, hidden, 1)
-        self.dw = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
-        self.pw2 = nn.Conv2d(hidden, dim, 1)
+        self.pw1 = nn.Sequential(nn.Conv2d(dim, hidden, 1), nn.GELU(), nn.BatchNorm2d(hidden))
+        self.dw = (nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden), nn.GELU(),
+                                 nn.BatchNorm2d(hidden)) if depthwise else nn.Identity())
+        self.pw2 = nn.Sequential(nn.Conv2d(hidden, dim, 1), nn.BatchNorm2d(dim))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Patch tokens [N, h*w, D] after the body (the head's tokens)."""
         x = patch_grid(hidden, self.grid)
-        y = self.pw2(F.gelu(self.dw(F.gelu(self.pw1(x)))))
-        return (x + y).mean(dim=(2, 3))
+        return (x + self.pw2(self.dw(self.pw1(x)))).flatten(2).transpose(1, 2)
+
+
+def subsample(hidden: torch.Tensor, grid: tuple[int, int], stride: int) -> torch.Tensor:
+    """LGViT's `DownSampling` (`AvgPool2d(1, stride)`: every stride-th patch token of the grid)."""
+    return F.avg_pool2d(patch_grid(hidden, grid), 1, stride).flatten(2).transpose(1, 2)
 
 
 class GlobalAggregation(nn.Module):
-    """LGViT's global aggregation head body: every token attends to spatially reduced patch tokens
-    (average-pooled windows, PVT-style reduction), which gathers the global semantics deep exits
-    need at a fraction of full attention's cost; the attended tokens are averaged."""
+    """LGViT's global aggregation head body (`GlobalSparseAttn`): every `stride`-th patch token of
+    the grid, then multi-head self-attention among those tokens (q, k, v all from them, no bias, a
+    projection; no residual, no norm), which gathers global semantics at a fraction of full
+    attention's cost."""
 
-    def __init__(self, dim: int, grid: tuple[int, int], num_heads: int = 2):
+    def __init__(self, dim: int, grid: tuple[int, int], stride: int = 2, num_heads: int = 2):
         super().__init__()
-        self.grid = grid
-        self.reduce = 2 if min(grid) >= 2 else 1
+        self.grid, self.stride = grid, stride
         self.num_heads = num_heads if dim % num_heads == 0 else 1
-        self.norm = nn.LayerNorm(dim)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        n, t, d = hidden.shape
+        """The attended subsampled tokens [N, R, D]."""
+        x = subsample(hidden, self.grid, self.stride)
+        n, r, d = x.shape
         h, dh = self.num_heads, d // self.num_heads
-        x = self.norm(hidden)
-        reduced = F.avg_pool2d(patch_grid(x, self.grid), self.reduce).flatten(2).transpose(1, 2)  # [N, R, D]
-        q = self.q(x).reshape(n, t, h, dh).transpose(1, 2)
-        kv = self.kv(reduced).reshape(n, -1, 2, h, dh).permute(2, 0, 3, 1, 4)
-        attn = (q @ kv[0].transpose(-2, -1) * dh**-0.5).softmax(dim=-1)
-        out = hidden + self.proj((attn @ kv[1]).transpose(1, 2).reshape(n, t, d))
-        return out.mean(dim=1)
+        qkv = self.qkv(x).reshape(n, r, 3, h, dh).permute(2, 0, 3, 1, 4)
+        attn = (qkv[0] @ qkv[1].transpose(-2, -1) * dh**-0.5).softmax(dim=-1)
+        return self.proj((attn @ qkv[2]).transpose(1, 2).reshape(n, r, d))
 
 
 @register_head("lgvit")
 class LGViTHead(ExitHead):
-    """LGViT's heterogeneous exits: local perception at the shallow half of the early exits, global
-    aggregation at the deep half, the backbone's own linear classifier on the class token last."""
+    """LGViT's heterogeneous exits (`DeiTHighway_v2`): local perception at the shallow half of the
+    early exits (with the depthwise conv in its first half, `conv1_1`, without it after, `conv2_1`),
+    global aggregation at the deep half (subsampling stride 2, then 3), the backbone's own classifier
+    on the class token last. A head's tokens are averaged and the class token is added before the
+    classifier (`classifier(pooled + cls)`). Deviations: our classifier keeps its LayerNorm, and
+    heads have 2 attention heads (8 in LGViT's DeiT-B)."""
 
     needs_grid = True
 
     def __init__(self, dim: int, num_classes: int, **context: object):
         super().__init__(dim, num_classes, **context)  # type: ignore[arg-type]
         early = self.num_stages - 1
+        local = (early + 1) // 2  # the shallow half (LGViT: layers 4-7 of 4-11)
+        self.body: nn.Module | None
         if self.is_last:
-            self.role = "linear"
-            self.body: nn.Module | None = None
-        elif self.stage < early / 2:
-            self.role, self.body = "local", LocalPerception(dim, self.grid)
+            self.role, self.body = "linear", None
+        elif self.stage < local:
+            self.role = "local"
+            self.body = LocalPerception(dim, self.grid, depthwise=self.stage < max(1, local // 2))
         else:
-            self.role, self.body = "global", GlobalAggregation(dim, self.grid)
+            self.role = "global"
+            deep = self.stage - local
+            self.stride = 2 if deep < max(1, (early - local) // 2) else 3
+            self.body = GlobalAggregation(dim, self.grid, stride=self.stride)
         self.classifier = _Classifier(dim, num_classes)
 
     def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return self.classifier(hidden[:, 0] if self.body is None else self.body(hidden))
+        cls = hidden[:, 0]
+        if self.body is None:
+            return self.classifier(cls)
+        tokens = self.body(hidden)
+        out = self.classifier(tokens.mean(dim=1) + cls)
+        out[TOKENS] = tokens
+        return out
 
 
 class Bypass(nn.Module):

@@ -9,8 +9,9 @@ together, so comparisons are at equal training cost.
 - `pabee`: PABEE's weighted average, exit j weighted by j (Zhou et al. 2020); served by patience.
 - `dmpo`: DMPO's two-phase loss weights: deep exits first (early stages learn to represent), then
   weight moves to the early exits (Luo et al. 2025, https://arxiv.org/abs/2511.03245).
-- `lgvit`: LGViT's two stages: end to end, then self-distillation from the final exit into the
-  early heads with the backbone frozen (Xu et al. 2023, https://arxiv.org/abs/2308.00255).
+- `lgvit`: LGViT's two stages: alternating weighted exits end to end, then distillation (predictions
+  and tokens) from the final exit into the early heads with the backbone frozen (Xu et al. 2023,
+  https://arxiv.org/abs/2308.00255; falcon-xu/LGViT).
 - `met`: MET: a backbone trained first (the "pre-trained" model, final exit only), then frozen and
   tuned with exit-specific adapters sharing one down- and one up-projection, with graph
   regularisation at the early exits (Liu et al. 2024, https://arxiv.org/abs/2409.13999).
@@ -34,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.data import Split, Splits
-from model_export.heads import FEATURES, HEADS
+from model_export.heads import FEATURES, HEADS, TOKENS, subsample
 from model_export.train import Objective, TrainConfig, TrainResult, train
 from model_export.vit import MultiExitViT
-from server.bundle import GATE, LOGITS
+from server.bundle import GATE, HIDDEN, LOGITS
 
 
 class Recipe:
@@ -176,40 +177,104 @@ class DMPO(Recipe):
         return train(model, data, cfg, progress=progress, objective=objective)
 
 
+def lgvit_weights(model: nn.Module) -> torch.Tensor:
+    """LGViT stage 1's exit weights (`alternating_weighted`): each exit weighted by its 1-based layer,
+    the final exit by the depth (falcon-xu/LGViT `modeling_highway_deit.py`)."""
+    return torch.tensor([float(blocks[-1] + 1) for blocks in model.stage_blocks])
+
+
+def hetero_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """LGViT's heterogeneous distillation (`cal_hete_loss`): KL between the channel softmaxes of a
+    head's tokens and the final layer's (matching) patch tokens, batchmean."""
+    return F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="batchmean",
+                    log_target=True)
+
+
+def homo_mse(student: torch.Tensor, teacher: torch.Tensor, gram: bool) -> torch.Tensor:
+    """LGViT's homogeneous distillation (`cal_homo_loss`, MSE): raw tokens (local heads) or their
+    channel Gram matrices (global heads, `align_type='inner'`)."""
+    if gram:
+        student, teacher = student.transpose(-1, -2) @ student, teacher.transpose(-1, -2) @ teacher
+    return F.mse_loss(student, teacher)
+
+
 @register_recipe
 class LGViT(Recipe):
+    """LGViT (Xu et al. 2023), following falcon-xu/LGViT (`modeling_highway_deit.py`, the
+    `train_baseline` / `train_distillation` scripts):
+
+    1. end to end, `alternating_weighted`: even steps the final exit's cross-entropy alone, odd steps
+       every exit's, exit i weighted by its 1-based layer and the final exit by the depth;
+    2. backbone and final classifier frozen, the early heads learn from 0.7 x sum of their CE + 0.3 x
+       sum of KL(final || exit) at T = 2, plus 0.01 x heterogeneous (KL of a head's tokens to the final
+       layer's patch tokens, subsampled like the global heads; for the first and last local and
+       global exits) and 0.01 x homogeneous distillation (local exits' tokens to the last local exit's
+       by MSE, global exits' Gram matrices to the last global exit's).
+
+    Deviations: the teacher logits are the final exit's (the official code applies the classifier to
+    the last layer without its final LayerNorm); our label smoothing; 2/3 of the budget in stage 1;
+    text heads (no tokens) get the prediction terms only."""
+
     name = "lgvit"
-    summary = "end to end, then self-distillation from the final exit with the backbone frozen"
+    summary = "alternating weighted exits end to end, then distillation into the early heads, backbone frozen"
     default_head = "lgvit"
     # Not MuE's `shared` head: its early exits are the final exit's classifier, which stage two
     # freezes as the teacher, so nothing would be left to distil into.
     heads = ("dmpo", "lgvit", "linear")
     first_share: ClassVar[float] = 2 / 3
     temperature: ClassVar[float] = 2.0
-    alpha: ClassVar[float] = 0.5  # weight of prediction distillation against the labels
-    beta: ClassVar[float] = 1.0  # weight of feature distillation (where the widths match)
+    kd_weight: ClassVar[float] = 0.3  # LGViT's loss_coefficient: CE gets 1 - this
+    hete_weight: ClassVar[float] = 0.01
+    homo_weight: ClassVar[float] = 0.01
 
     def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-        first = train(model, data, phase(cfg, self.first_share, exit_weights=None), progress=progress)
-        t, a, b = self.temperature, self.alpha, self.beta
+        weights, step = lgvit_weights(model), [0]
+        final_only = torch.zeros(model.num_stages)
+        final_only[-1] = 1.0
+
+        def alternating(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
+            outs = m.forward_all(x)
+            step[0] += 1
+            return weighted_ce(outs, y, final_only if step[0] % 2 == 1 else weights, cfg.label_smoothing)
+
+        first = train(model, data, phase(cfg, self.first_share), progress=progress, objective=alternating)
+        t, a = self.temperature, self.kd_weight
 
         def distil(m: nn.Module, x: torch.Tensor, y: torch.Tensor, done: float) -> torch.Tensor:
             outs = m.forward_all(x)
             teacher = outs[-1]
-            soft = F.softmax(teacher[LOGITS].detach() / t, dim=-1)
-            goal = teacher[FEATURES].detach()
+            soft = F.log_softmax(teacher[LOGITS].detach() / t, dim=-1)
             loss = torch.zeros(())
             for o in outs[:-1]:
                 ce = F.cross_entropy(o[LOGITS], y, label_smoothing=cfg.label_smoothing)
-                kd = F.kl_div(F.log_softmax(o[LOGITS] / t, dim=-1), soft, reduction="batchmean") * t * t
+                kd = F.kl_div(F.log_softmax(o[LOGITS] / t, dim=-1), soft, reduction="batchmean",
+                              log_target=True) * t * t
                 loss = loss + (1 - a) * ce + a * kd
-                if o[FEATURES].shape == goal.shape:
-                    loss = loss + b * F.mse_loss(o[FEATURES], goal)
-            return loss / max(1, len(outs) - 1)
+            return loss + self._token_terms(m, outs)
 
         freeze = [*model.backbone_modules(), model.heads[-1]]
         second = _fit_frozen(model, data, phase(cfg, 1 - self.first_share), freeze, distil, progress)
         return first.then(second)
+
+    def _token_terms(self, model: nn.Module, outs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        early = [(i, o) for i, o in enumerate(outs[:-1]) if TOKENS in o]
+        if not early:
+            return torch.zeros(())
+        heads = model.heads  # type: ignore[attr-defined]
+        last_hidden = outs[-1][HIDDEN].detach()
+        local = [i for i, _ in early if heads[i].role == "local"]
+        glob = [i for i, _ in early if heads[i].role == "global"]
+        loss = torch.zeros(())
+        for group in (local, glob):
+            for i in sorted({group[0], group[-1]} if group else set()):
+                head = heads[i]
+                target = last_hidden[:, 1:] if head.role == "local" else subsample(last_hidden, head.grid, head.stride)
+                loss = loss + self.hete_weight * hetero_kl(outs[i][TOKENS], target)
+            for i in group[:-1]:
+                teacher = outs[group[-1]][TOKENS]
+                if outs[i][TOKENS].shape == teacher.shape:
+                    loss = loss + self.homo_weight * homo_mse(outs[i][TOKENS], teacher, gram=heads[i].role == "global")
+        return loss
 
 
 def graph_regulariser(features: torch.Tensor, anchor: torch.Tensor, y: torch.Tensor, tau: float = 0.1) -> torch.Tensor:

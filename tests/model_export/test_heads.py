@@ -116,3 +116,24 @@ def test_gates_are_probabilities_and_one_at_the_last_stage() -> None:
         outs = vit("tiny", head=head).forward_all(torch.rand(6, 8, 8) * 16)
         gates = torch.stack([o["gate"] for o in outs])
         assert ((gates > 0) & (gates <= 1)).all() and (gates[-1] == 1).all()
+
+
+def test_lgvit_heads_follow_the_official_layout() -> None:
+    """falcon-xu/LGViT: depthwise conv in the first local heads, stride 2 then 3 in the global ones,
+    the class token added to the pooled head tokens before the classifier."""
+    from model_export.heads import TOKENS
+
+    model = vit("demo", head="lgvit").eval()
+    local = [h for h in model.heads if h.role == "local"]
+    glob = [h for h in model.heads if h.role == "global"]
+    assert [not isinstance(h.body.dw, torch.nn.Identity) for h in local] == [True, False, False]
+    assert [h.stride for h in glob] == [2, 3]
+    x = torch.rand(2, 8, 8) * 16
+    with torch.no_grad():
+        outs = model.forward_all(x)
+        head, hidden = model.heads[0], outs[0]["hidden"]
+        tokens = head.body(hidden)
+        want = head.classifier(tokens.mean(dim=1) + hidden[:, 0])["logits"]
+    assert torch.allclose(outs[0]["logits"], want) and torch.equal(outs[0][TOKENS], tokens)
+    assert outs[3][TOKENS].shape[1] == 1  # stride 2 on the demo's 2 x 2 patch grid: one token
+    assert TOKENS not in outs[-1]

@@ -153,3 +153,17 @@ def test_palbert_regulariser_is_kl_of_the_prior_to_p_as_the_official_code() -> N
     # KLDivLoss(p.log(), prior, batchmean) on [N, S], as tinkoff-ai/palbert calls it:
     ref = torch.nn.KLDivLoss(reduction="batchmean")(p.T.log(), prior[None].expand(2, 3))
     assert prior_kl(p, prior).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_lgvit_losses_as_the_official_code() -> None:
+    from model_export.recipes import hetero_kl, homo_mse, lgvit_weights
+    from model_export.vit import vit
+
+    assert lgvit_weights(vit("demo")).tolist() == [1, 2, 3, 4, 5, 6]  # exit i weighted by its layer
+    s, t = torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[2.0, 0.0]]])
+    ps, pt = torch.softmax(s, -1), torch.softmax(t, -1)
+    want = (pt * (pt.log() - ps.log())).sum()  # KL(teacher || student) over channels, batch of one
+    assert hetero_kl(s, t).item() == pytest.approx(want.item(), rel=1e-6)
+    gram_s, gram_t = s.transpose(-1, -2) @ s, t.transpose(-1, -2) @ t
+    assert homo_mse(s, t, gram=True).item() == pytest.approx(((gram_s - gram_t) ** 2).mean().item())
+    assert homo_mse(s, t, gram=False).item() == pytest.approx(((s - t) ** 2).mean().item())
