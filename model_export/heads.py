@@ -20,8 +20,10 @@ Kinds:
   half, the backbone's linear classifier at the last stage.
 - `dmpo`: DMPO's bypass module plus high-order-statistics predictor at early exits (Luo et al.
   2025, https://arxiv.org/abs/2511.03245), linear at the last stage.
-- `palbert`: linear classifier plus PALBERT's lambda layer on the current and previous class
-  tokens (Balagansky & Gavrilov 2022, https://arxiv.org/abs/2204.03276); served with `q_exit`.
+- `palbert`: PALBERT's one classifier and one lambda layer shared by every exit, the lambda layer
+  reading the class token plus a layer position embedding beside the previous class token
+  (Balagansky & Gavrilov 2022, https://arxiv.org/abs/2204.03276; tinkoff-ai/palbert); served with
+  `q_exit`.
 - `jei`: linear classifier plus a JEI-DNN gate reading its own classifier's prediction (Regol et
   al. 2024, https://arxiv.org/abs/2310.09163); served with `gate`.
 Gated heads output gate 1 at the last stage: every sample that gets there leaves (PonderNet's
@@ -67,6 +69,14 @@ class ExitHead(nn.Module):
     @property
     def is_last(self) -> bool:
         return self.stage == self.num_stages - 1
+
+    @classmethod
+    def build_all(cls, dim: int, num_classes: int, num_stages: int, grid: tuple[int, int] = (1, 1)) -> list[ExitHead]:
+        """Every stage's head: one per stage, or (`shared`) one instance reused by every stage."""
+        if cls.shared:
+            head = cls(dim, num_classes, grid=grid, stage=num_stages - 1, num_stages=num_stages)
+            return [head] * num_stages
+        return [cls(dim, num_classes, grid=grid, stage=i, num_stages=num_stages) for i in range(num_stages)]
 
     def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -313,24 +323,46 @@ class _GatedHead(LinearHead):
         return torch.sigmoid(raw.reshape(-1))
 
 
-@register_head("palbert")
-class LambdaHead(_GatedHead):
-    """Linear classifier plus PALBERT's lambda layer: an MLP on the class tokens after and before
-    the stage gives lambda_i, the probability of halting here given the sample got here. Served
-    with `q_exit` (PALBERT's deterministic Q-exit: leave once 1 - prod(1 - lambda_j) passes)."""
+class PonderCore(nn.Module):
+    """What PALBERT's exits share (tinkoff-ai/palbert `PonderClassifier` + `layer_positional_embeddings`):
+    one classifier, one lambda layer, and a learned embedding of the layer position added to the
+    lambda layer's input."""
 
-    def __init__(self, dim: int, num_classes: int, **context: object):
-        super().__init__(dim, num_classes, **context)
+    def __init__(self, dim: int, num_classes: int, num_stages: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+        self.position = nn.Parameter(torch.randn(num_stages, dim) * 0.02)
         self.lambda_norm = nn.LayerNorm(2 * dim)
         self.lambda_fc1 = nn.Linear(2 * dim, dim)
         self.lambda_fc2 = nn.Linear(dim, 1)
-        nn.init.constant_(self.lambda_fc2.bias, -2.0)  # start by rarely halting: deep exits learn first
+
+
+@register_head("palbert")
+class LambdaHead(_GatedHead):
+    """PALBERT's exit at one stage, over the core every stage shares (`PonderCore`): the shared
+    classifier on the class token, and the shared lambda layer, an MLP on the class token plus the
+    stage's position embedding, beside the class token before the stage (PALBERT's "cat" of the
+    previous state), giving lambda_i, the probability of halting here given the sample got here.
+    Served with `q_exit` (PALBERT's deterministic Q-exit: leave once 1 - prod(1 - lambda_j) passes).
+    Deviation: the classifier keeps our LayerNorm (PALBERT: ALBERT's tanh pooler)."""
+
+    def __init__(self, dim: int, num_classes: int, core: PonderCore | None = None, **context: object):
+        ExitHead.__init__(self, dim, num_classes, **context)  # type: ignore[arg-type]
+        self.core = core if core is not None else PonderCore(dim, num_classes, self.num_stages)
+
+    @classmethod
+    def build_all(cls, dim: int, num_classes: int, num_stages: int, grid: tuple[int, int] = (1, 1)) -> list[ExitHead]:
+        core = PonderCore(dim, num_classes, num_stages)
+        return [cls(dim, num_classes, core=core, grid=grid, stage=i, num_stages=num_stages) for i in range(num_stages)]
 
     def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = super().forward(hidden)
-        before = hidden[:, 0] if prev is None else prev[:, 0]
-        pair = self.lambda_norm(torch.cat([hidden[:, 0], before], dim=-1))
-        raw = self.lambda_fc2(torch.tanh(self.lambda_fc1(pair)))
+        core, cls = self.core, hidden[:, 0]
+        z = core.norm(cls)
+        out = {LOGITS: core.fc(z), FEATURES: z}
+        before = cls if prev is None else prev[:, 0]
+        pair = core.lambda_norm(torch.cat([cls + core.position[self.stage], before], dim=-1))
+        raw = core.lambda_fc2(torch.tanh(core.lambda_fc1(pair)))
         out[GATE] = self._gate(out[LOGITS], raw)
         return out
 

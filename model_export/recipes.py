@@ -361,9 +361,9 @@ def prior_kl(p: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
 class PALBERT(Recipe):
     """PALBERT (Balagansky & Gavrilov 2022), following tinkoff-ai/palbert `src/loss.py`: PonderNet's
     expected task loss under the halting distribution plus beta KL(prior || p) to a geometric prior
-    with lambda_p, beta 0.5 and lambda_p 0.1 as the issue's reading of the official code says.
-    Deliberate deviations: per-exit classifiers and lambda layers (the official code shares one of
-    each, with a layer position embedding), and our label smoothing."""
+    with beta 0.5 and lambda_p 0.1; one classifier and one lambda layer shared by every exit, with a
+    layer position embedding (the `palbert` head). Deviations: our label smoothing, and the
+    classifier's LayerNorm."""
 
     name = "palbert"
     summary = "PonderNet loss on PALBERT's lambda layers: expected loss under halting + KL(prior || p), geometric prior"

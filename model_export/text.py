@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_export.heads import ExitHead, build_head, head_class
+from model_export.heads import head_class
 from model_export.protocol import ExitStages
 from model_export.vit import EAdapters, _init_weights
 from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
@@ -124,11 +124,7 @@ class MultiExitEncoder(ExitStages, nn.Module):
             list(range(0 if i == 0 else exit_blocks[i - 1] + 1, b + 1)) for i, b in enumerate(exit_blocks)
         ]
         n = len(self.stage_blocks)
-        if head_class(cfg.head).shared:
-            head = build_head(cfg.head, dim, cfg.num_classes, stage=n - 1, num_stages=n)
-            heads: list[ExitHead] = [head] * n
-        else:
-            heads = [build_head(cfg.head, dim, cfg.num_classes, stage=i, num_stages=n) for i in range(n)]
+        heads = head_class(cfg.head).build_all(dim, cfg.num_classes, n)
         self.heads = nn.ModuleList(heads)
         self.heads.apply(_init_weights)
         self.adapters = EAdapters(dim, cfg.adapter_dim, n) if cfg.adapter_dim else None

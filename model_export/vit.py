@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model_export.heads import ExitHead, build_head, head_class
+from model_export.heads import ExitHead, head_class
 from model_export.protocol import ExitStages
 from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
 
@@ -226,14 +226,8 @@ class MultiExitViT(ExitStages, nn.Module):
                     nn.init.zeros_(m.up.weight)
 
     def _build_heads(self) -> list[ExitHead]:
-        cfg, n = self.cfg, len(self.stage_blocks)
-        if head_class(cfg.head).shared:
-            head = build_head(cfg.head, cfg.embed_dim, cfg.num_classes, grid=cfg.grid, stage=n - 1, num_stages=n)
-            return [head] * n
-        return [
-            build_head(cfg.head, cfg.embed_dim, cfg.num_classes, grid=cfg.grid, stage=i, num_stages=n)
-            for i in range(n)
-        ]
+        cfg = self.cfg
+        return head_class(cfg.head).build_all(cfg.embed_dim, cfg.num_classes, len(self.stage_blocks), grid=cfg.grid)
 
     # -- model_export.protocol.MultiExitModel ------------------------------------------------------
 

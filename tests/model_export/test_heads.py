@@ -137,3 +137,21 @@ def test_lgvit_heads_follow_the_official_layout() -> None:
     assert torch.allclose(outs[0]["logits"], want) and torch.equal(outs[0][TOKENS], tokens)
     assert outs[3][TOKENS].shape[1] == 1  # stride 2 on the demo's 2 x 2 patch grid: one token
     assert TOKENS not in outs[-1]
+
+
+def test_palbert_exits_share_one_classifier_and_lambda_layer_with_a_layer_position() -> None:
+    model = vit("tiny", head="palbert").eval()
+    cores = {id(h.core) for h in model.heads}
+    assert len(cores) == 1  # tinkoff-ai/palbert: one PonderClassifier for every layer
+    core = model.heads[0].core
+    assert core.position.shape == (model.num_stages, model.cfg.embed_dim)
+    x = torch.rand(3, 8, 8) * 16
+    with torch.no_grad():
+        outs = model.forward_all(x)
+        hidden = outs[1]["hidden"]
+        # The same hidden state at another stage position gives the same logits but another lambda.
+        here, elsewhere = model.heads[1](hidden, outs[0]["hidden"]), model.heads[0](hidden, outs[0]["hidden"])
+    assert torch.equal(here["logits"], elsewhere["logits"]) and not torch.equal(here["gate"], elsewhere["gate"])
+    assert torch.equal(outs[-1]["gate"], torch.ones(3))  # every sample that reaches the last stage leaves
+    head_params = sum(p.numel() for p in model.heads.parameters())  # shared parameters count once
+    assert head_params == sum(p.numel() for p in core.parameters())
