@@ -32,7 +32,6 @@ lambda_N = 1).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -369,27 +368,33 @@ class LambdaHead(_GatedHead):
 
 @register_head("jei")
 class JEIGateHead(_GatedHead):
-    """Linear classifier (the inference module) plus a JEI-DNN gate that reads the inference
-    module's own prediction: its top-k softmax probabilities and normalised entropy. The gate is
-    the probability of exiting here given the sample got here; served with `gate`."""
-
-    top_k: ClassVar[int] = 3
+    """Linear classifier (the inference module) plus JEI-DNN's gate (networkslab/dynn): a linear
+    layer on four detached uncertainty features of the inference module's own prediction, max
+    probability, entropy, margin and the entropy of the squared (renormalised) probabilities. Trained
+    on "subsequent" targets (1 from the best exit on), the gate estimates the probability that the
+    sample's best exit is here or earlier; it leaves at the first gate >= threshold (JEI-DNN: 0.5).
+    Served with `gate`."""
 
     def __init__(self, dim: int, num_classes: int, **context: object):
         super().__init__(dim, num_classes, **context)
-        self.k = min(self.top_k, num_classes)
-        self.gate_fc1 = nn.Linear(self.k + 1, 16)
-        self.gate_fc2 = nn.Linear(16, 1)
+        self.gate_fc = nn.Linear(4, 1)
 
     def gate_features(self, logits: torch.Tensor) -> torch.Tensor:
         probs = logits.softmax(dim=-1)
-        top = torch.topk(probs, self.k, dim=-1).values
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1, keepdim=True) / math.log(self.num_classes)
-        return torch.cat([top, entropy], dim=-1)
+
+        def entropy(p: torch.Tensor) -> torch.Tensor:
+            return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1, keepdim=True)
+
+        top2 = torch.topk(probs, min(2, self.num_classes), dim=-1).values
+        squared = probs * probs
+        squared = squared / squared.sum(dim=-1, keepdim=True)
+        return torch.cat([top2[:, :1], entropy(probs), top2[:, :1] - top2[:, -1:], entropy(squared)], dim=-1)
+
+    def gate_logit(self, logits: torch.Tensor) -> torch.Tensor:
+        """The gate before its sigmoid; the features are detached: the gate never moves the classifier."""
+        return self.gate_fc(self.gate_features(logits.detach())).reshape(-1)
 
     def forward(self, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out = super().forward(hidden)
-        # The gate learns when to trust the inference module, not to move it: JEI-DNN's lower level.
-        raw = self.gate_fc2(F.relu(self.gate_fc1(self.gate_features(out[LOGITS].detach()))))
-        out[GATE] = self._gate(out[LOGITS], raw)
+        out[GATE] = self._gate(out[LOGITS], self.gate_logit(out[LOGITS]))
         return out

@@ -167,3 +167,28 @@ def test_lgvit_losses_as_the_official_code() -> None:
     gram_s, gram_t = s.transpose(-1, -2) @ s, t.transpose(-1, -2) @ t
     assert homo_mse(s, t, gram=True).item() == pytest.approx(((gram_s - gram_t) ** 2).mean().item())
     assert homo_mse(s, t, gram=False).item() == pytest.approx(((s - t) ** 2).mean().item())
+
+
+def test_jei_targets_are_subsequent_from_the_best_trade_off() -> None:
+    from model_export.recipes import jei_targets
+
+    ce = torch.tensor([[2.0, 0.1, 3.0], [0.5, 0.1, 2.0], [0.1, 0.1, 0.2]])  # [S=3, N=3]
+    cost = torch.tensor([1 / 3, 2 / 3, 1.0])
+    # sample 0: 2.23 / 0.97 / 0.8 -> the final exit; sample 1: 0.33 first; sample 2: 3.23 / 2.47 / 0.9 -> final
+    target = jei_targets(ce, cost, 0.7)
+    assert target.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    ce[1, 0] = 0.0  # now exit 1 is best for sample 0 (0 + 0.47 < 0.8)
+    assert jei_targets(ce, cost, 0.7)[:, 0].tolist() == [0.0, 1.0]
+
+
+def test_jei_gate_reads_four_detached_uncertainty_features() -> None:
+    from model_export.vit import vit
+
+    head = vit("tiny", head="jei").heads[0]
+    logits = torch.tensor([[2.0, 0.0, 0.0] + [0.0] * 7], requires_grad=True)
+    f = head.gate_features(logits)
+    p = torch.softmax(logits, -1)
+    assert f.shape == (1, 4) and f[0, 0].item() == pytest.approx(p.max().item())
+    assert f[0, 2].item() == pytest.approx((p.max() - torch.topk(p, 2).values[0, 1]).item())
+    head.gate_logit(logits).sum().backward()
+    assert logits.grad is None or not logits.grad.any()  # the gate never moves the classifier
