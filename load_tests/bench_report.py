@@ -246,3 +246,15 @@ def write_outputs(report: dict, out: Path) -> None:
     (out / "bench.md").write_text(markdown(report))
     plot_throughput_latency(report, out / "throughput_latency.png")
     plot_exit_histogram(report, out / "exit_histogram.png")
+
+
+def save_table(out: Path, stem: str, report: dict, title: str, header: list[str], rows: list[list[str]]) -> str:
+    """`<stem>.json` (the report) and `<stem>.md` (a title and one table) in `out`; returns the table's
+    text (the small load-test scripts: coverage, policy_accuracy, ragged)."""
+    lines = [title, "", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    return text

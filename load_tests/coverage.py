@@ -13,7 +13,6 @@ serves (the guarantee promises >= confidence), with the mean compute fraction it
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -124,21 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from load_tests.bench import resolve_bundle
+    from load_tests.bench_report import save_table
 
     report = run(resolve_bundle(args.bundle), args.target, args.confidence, args.resplits, args.seed)
-    lines = [f"{report['bundle']}: {report['samples']} validation + test samples, {args.resplits} random halves as "
+    title = (f"{report['bundle']}: {report['samples']} validation + test samples, {args.resplits} random halves as "
              f"calibration data, agreement with full depth on the other half; target {args.target:g}, "
-             f"confidence {args.confidence:g}", "",
-             "| criterion | certified: share meeting the target | mean held-out agreement | mean compute | "
-             "point estimate: share meeting it | its mean compute |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for c, v in report["criteria"].items():
-        lines.append(f"| {c} | {v['met_certified']:.3f} | {v['mean_agreement_certified']:.4f} | "
-                     f"{v['mean_compute_certified']:.3f} | {v['met_point_estimate']:.3f} | "
-                     f"{v['mean_compute_point_estimate']:.3f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "coverage.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "coverage.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+             f"confidence {args.confidence:g}")
+    header = ["criterion", "certified: share meeting the target", "mean held-out agreement", "mean compute",
+              "point estimate: share meeting it", "its mean compute"]
+    rows = [[c, f"{v['met_certified']:.3f}", f"{v['mean_agreement_certified']:.4f}",
+             f"{v['mean_compute_certified']:.3f}", f"{v['met_point_estimate']:.3f}",
+             f"{v['mean_compute_point_estimate']:.3f}"]
+            for c, v in report["criteria"].items()]
+    print(save_table(args.out, "coverage", report, title, header, rows), end="")
     return 0
 
 

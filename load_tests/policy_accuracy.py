@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=float, nargs="+", default=[0.99, 0.98])
     args = parser.parse_args(argv)
     from load_tests.bench import resolve_bundle
+    from load_tests.bench_report import save_table
 
     report = evaluate(resolve_bundle(args.bundle), args.target)
-    lines = [f"{report['bundle']}: {report['samples']} test samples, through the engine in-process", "",
-             "| policy | accuracy | agreement with full depth | mean stages run | compute fraction (FLOPs at the "
-             "manifest's mean length) |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in report["rows"]:
-        lines.append(f"| {r['policy']} | {r['accuracy']:.4f} | {r['agreement']:.4f} | {r['mean_stages']:.2f} | "
-                     f"{r['compute_fraction']:.3f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "policy_accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "policy_accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    header = ["policy", "accuracy", "agreement with full depth", "mean stages run",
+              "compute fraction (FLOPs at the manifest's mean length)"]
+    rows = [[r["policy"], f"{r['accuracy']:.4f}", f"{r['agreement']:.4f}", f"{r['mean_stages']:.2f}",
+             f"{r['compute_fraction']:.3f}"] for r in report["rows"]]
+    title = f"{report['bundle']}: {report['samples']} test samples, through the engine in-process"
+    print(save_table(args.out, "policy_accuracy", report, title, header, rows), end="")
     return 0
 
 

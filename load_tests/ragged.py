@@ -19,7 +19,6 @@ real sentences, with the exit decisions of the bundle's default policy:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -85,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from load_tests.bench import machine, resolve_bundle
+    from load_tests.bench_report import save_table
     from load_tests.data import sentiment_test_split
     from server.bundle import load_bundle
     from server.engine.runtime import OrtStageRunner
@@ -111,16 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         summary[s]["vs_merge"] = summary[s]["seconds"] / base
     report = {"bundle": bundle.name, "policy": policy.to_dict(), "sentences": len(texts), "args": vars(args) | {
         "out": str(args.out)}, "machine": machine(), "strategies": summary}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ragged.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"{bundle.name}: {len(texts)} test sentences in batches of {args.batch}, survivors of {args.group} "
-             f"batches re-batched; stages 1..{runner.num_stages - 1}, median of {args.repeats} repeats", "",
-             "| strategy | stage runs | seconds | vs merge | padding (computed / real tokens - 1) |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for s, v in summary.items():
-        lines.append(f"| {s} | {v['runs']} | {v['seconds']:.3f} | {v['vs_merge']:.2f} | {v['padding']:.3f} |")
-    (args.out / "ragged.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    title = (f"{bundle.name}: {len(texts)} test sentences in batches of {args.batch}, survivors of {args.group} "
+             f"batches re-batched; stages 1..{runner.num_stages - 1}, median of {args.repeats} repeats")
+    rows = [[s, str(v["runs"]), f"{v['seconds']:.3f}", f"{v['vs_merge']:.2f}", f"{v['padding']:.3f}"]
+            for s, v in summary.items()]
+    header = ["strategy", "stage runs", "seconds", "vs merge", "padding (computed / real tokens - 1)"]
+    print(save_table(args.out, "ragged", report, title, header, rows), end="")
     return 0
 
 

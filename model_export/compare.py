@@ -65,21 +65,14 @@ def grid_pairs(grid: str) -> list[tuple[str, str]]:
 
 def evaluate(run, splits) -> RunResult:  # noqa: ANN001 - RecipeRun, Splits (torch-side types)
     """Curves and budget figures of one trained run."""
-    import torch
 
-    from model_export.export import count_stage, stage_outputs
-    from model_export.protocol import next_stage_inputs
+    from model_export.export import stage_flops, stage_outputs
     from model_export.recipes import get_recipe
     from server.bundle import LOGITS, SIMILARITY, Calibration
     from server.control.calibrate import calibrate, frontier, simulate
 
     model = run.model.eval()
-    flops, h = [], {k: torch.from_numpy(v) for k, v in splits.val.features(slice(0, 1)).items()}
-    with torch.no_grad():
-        for i in range(model.num_stages - 1):
-            flops.append(count_stage(model, i, h)[0])
-            h = next_stage_inputs(model, i, h, model.segment(i, h)["hidden"])
-        flops.append(count_stage(model, model.num_stages - 1, h)[0])
+    flops = stage_flops(model, splits.val)
     calib = {}
     for part in ("val", "test"):
         split = getattr(splits, part)

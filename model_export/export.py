@@ -240,17 +240,34 @@ def _alone_checks(model: MultiExitModel, xb: dict[str, np.ndarray], full: list[n
     return problems
 
 
-def _count(model: MultiExitModel, i: int, inputs: dict[str, torch.Tensor]) -> int:
+def _count(model: MultiExitModel, i: int, inputs: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+    """Stage i's FLOPs on `inputs`, and its outputs (one run for both)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model.segment(i, inputs)
-    return int(counter.get_total_flops())
+        out = model.segment(i, inputs)
+    return int(counter.get_total_flops()), out
+
+
+def stage_params(model: MultiExitModel, i: int) -> int:
+    """Parameters of stage i, exit head included (shared ones counted once)."""
+    return int(sum({id(p): p.numel() for m in model.stage_modules(i) for p in m.parameters()}.values()))
 
 
 def count_stage(model: MultiExitModel, i: int, example: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(FLOPs per sample, parameters) of stage i, exit head included; `example` has batch 1."""
-    params = {id(p): p.numel() for m in model.stage_modules(i) for p in m.parameters()}
-    return _count(model, i, example), int(sum(params.values()))
+    return _count(model, i, example)[0], stage_params(model, i)
+
+
+def stage_flops(model: MultiExitModel, data: Any) -> list[int]:
+    """FLOPs per sample of every stage on the first row of `data` (its `features`), the stages chained."""
+    h: dict[str, Any] = _torch(data.features(slice(0, 1)))
+    flops = []
+    for i in range(model.num_stages):
+        count, out = _count(model, i, h)
+        flops.append(count)
+        if i + 1 < model.num_stages:
+            h = next_stage_inputs(model, i, h, out[HIDDEN])
+    return flops
 
 
 def flops_curve(model: MultiExitModel, i: int, example: dict[str, torch.Tensor],
@@ -261,7 +278,7 @@ def flops_curve(model: MultiExitModel, i: int, example: dict[str, torch.Tensor],
     for t in lengths:
         feed = {k: v[:1, :1].expand(1, t, *v.shape[2:]).contiguous() if v.dim() >= 2 else v
                 for k, v in example.items()}
-        counts.append(_count(model, i, feed))
+        counts.append(_count(model, i, feed)[0])
     coeffs = np.linalg.solve(np.vander(np.asarray(lengths, np.float64), 3, increasing=True), np.asarray(counts, float))
     return [float(round(c, 3)) for c in coeffs]
 
@@ -360,7 +377,8 @@ def export_bundle(
             outs = model.segment(i, h)
             names = list(outs)
             _onnx_export(model, _Segment(model, i), h, out / stage_file(i), names, cfg)
-            flops, params = count_stage(model, i, h1)
+            flops, outs1 = _count(model, i, h1)
+            params = stage_params(model, i)
             curve = None
             if mean_length is not None:
                 curve = flops_curve(model, i, h1)
@@ -372,7 +390,7 @@ def export_bundle(
                 head=model.head_kind, flops_curve=curve,
             ))
             if i + 1 < model.num_stages:
-                h1 = next_stage_inputs(model, i, h1, model.segment(i, h1)[HIDDEN])
+                h1 = next_stage_inputs(model, i, h1, outs1[HIDDEN])
                 h = next_stage_inputs(model, i, h, outs[HIDDEN])
         ref_outputs = [reference_output(i) for i in range(model.num_stages)]
         _onnx_export(model, _Reference(model), example, out / REFERENCE, ref_outputs, cfg)

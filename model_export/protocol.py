@@ -24,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from server.bundle import TensorSpec
+from server.bundle import GATE, HIDDEN, LOGITS, SIMILARITY, TensorSpec
 
 
 @runtime_checkable
@@ -101,6 +101,10 @@ class ExitStages:
     @property
     def has_gate(self) -> bool:
         return bool(self.heads[0].has_gate)
+
+    def output_names(self, i: int) -> list[str]:
+        """What stage i outputs, in order (server/bundle.py's fixed names): every stage has MuE's similarity."""
+        return [HIDDEN, LOGITS, *([GATE] if self.has_gate else []), SIMILARITY]
 
 
 def next_stage_inputs(model: MultiExitModel, i: int, inputs: dict[str, Any], hidden: Any) -> dict[str, Any]:

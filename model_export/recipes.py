@@ -422,20 +422,12 @@ class JEI(Recipe):
     max_pos_weight: ClassVar[float] = 5.0
 
     def fit(self, model: MultiExitViT, data: Split, cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-        from model_export.export import count_stage
-        from model_export.protocol import next_stage_inputs
+        from model_export.export import stage_flops
 
         s = model.num_stages
         final_only = tuple([0.0] * (s - 1) + [1.0])
         pre = train(model, data, phase(cfg, self.pretrain_share, exit_weights=final_only), progress=progress)
-        with torch.no_grad():  # measured cumulative compute of every exit
-            h = {k: torch.from_numpy(v) for k, v in data.features(slice(0, 1)).items()}
-            flops = []
-            for i in range(s):
-                flops.append(count_stage(model, i, h)[0])
-                if i + 1 < s:
-                    h = next_stage_inputs(model, i, h, model.segment(i, h)[HIDDEN])
-        cost = torch.tensor(flops, dtype=torch.float32).cumsum(0)
+        cost = torch.tensor(stage_flops(model, data), dtype=torch.float32).cumsum(0)  # measured, cumulative
         cost = cost / cost[-1]
         weights = torch.arange(s - 1, 0, -1, dtype=torch.float32)  # G - l for the early exits
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from model_export.heads import ExitHead, head_class
 from model_export.protocol import ExitStages
-from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
+from server.bundle import HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
 
 PIXELS = "pixels"
 
@@ -251,12 +251,6 @@ class MultiExitViT(ExitStages, nn.Module):
     def exits(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self(inputs[self.input_name])
 
-    def output_names(self, i: int) -> list[str]:
-        """Names of what stage i outputs, in order (server/bundle.py's fixed names)."""
-        names = [HIDDEN, LOGITS]
-        if self.has_gate:
-            names.append(GATE)
-        return [*names, SIMILARITY]
 
     def stage_modules(self, i: int) -> list[nn.Module]:
         """Modules whose parameters belong to stage i (its exit head included)."""

@@ -86,14 +86,6 @@ class StageSpec(_Strict):
         description="Text models: FLOPs per sample as c0 + c1 T + c2 T^2 in the row's token count T "
         "(`flops` is this at the validation split's mean length).")
 
-    def flops_at(self, tokens: np.ndarray) -> np.ndarray:
-        """FLOPs per row for rows of `tokens` real tokens (`flops` for every row without a curve)."""
-        if self.flops_curve is None:
-            return np.full(len(tokens), float(self.flops))
-        c0, c1, c2 = self.flops_curve
-        t = tokens.astype(np.float64)
-        return c0 + c1 * t + c2 * t * t
-
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 

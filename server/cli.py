@@ -41,14 +41,7 @@ log = logging.getLogger("offramp.cli")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # uvicorn may cancel requests still running this long after the longest allowed request.
 SHUTDOWN_GRACE_S = 5
-def _boolean(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value in ("true", "1", "yes", "on")
-
-
-_METAVARS: dict[Any, str] = {int: "N", float: "NUM", Path: "DIR", _boolean: "BOOL"}
+_METAVARS: dict[Any, str] = {int: "N", float: "NUM", Path: "DIR"}
 
 
 def settings_docs() -> dict[str, str]:
@@ -67,8 +60,8 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], list[str] | None]
         return str, choices
     if annotation is SecretStr:
         return str, None
-    if annotation is bool:
-        return _boolean, None
+    if annotation is bool:  # Settings parses the text (true / false, 1 / 0, yes / no, on / off)
+        return str, ["true", "false"]
     if annotation in (int, float, str, Path):
         return annotation, None
     raise TypeError(f"no flag type for settings annotation {annotation!r}")

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     stages on the caller's thread, with no hand-off to the worker thread, when its full depth is
     expected to take at most this long (from measured stage times); through HTTP only when no other
     request is in progress. This saves two thread wake-ups per request, which is what a small model
-    costs at low load. 0 turns it off. Not used while `shadow_rate` > 0."""
+    costs at low load. 0 turns it off. Not used while samples are traced into the live window
+    (`shadow_rate` and `window_size` > 0)."""
 
     length_bucket_tokens: int = Field(16, ge=0)
     """Text models on CPU: a stage batch whose rows differ in length runs as one run per bucket of

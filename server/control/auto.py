@@ -59,6 +59,7 @@ class AutoState:
     live: dict[str, Any] = field(default_factory=dict)
     last_action: dict[str, Any] | None = None
     samples_at_change: int = -1  # the window's total when the controller last changed the policy
+    samples_judged: int = -1  # the window's total when the controller last certified thresholds on it
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "live": self.live, "last_action": self.last_action}
@@ -86,12 +87,16 @@ class AutoCalibrator:
     def configure(self, model: str, config: AutoConfig) -> dict[str, Any]:
         st = self.state(model)
         with self._lock:
-            st.config, st.samples_at_change = config, -1
+            st.config, st.samples_at_change, st.samples_judged = config, -1, -1
         log.info("%s: auto-calibration %s", model, asdict(config))
         return self.step(model) if config.enabled else self.describe(model)
 
     def describe(self, model: str) -> dict[str, Any]:
+        """The configuration with fresh live figures (GET)."""
         self.estimate(model)
+        return self._answer(model)
+
+    def _answer(self, model: str) -> dict[str, Any]:
         return {"model": model, **self.state(model).to_dict()}
 
     def estimate(self, model: str) -> tuple[Any, ExitPolicy, Any]:
@@ -119,37 +124,36 @@ class AutoCalibrator:
         st = self.state(model)
         cfg = st.config
         view, policy, report = self.estimate(model)
-        if not cfg.enabled or report is None or view.samples < cfg.min_samples:
-            return self.describe(model)
+        if not cfg.enabled or report is None or view.samples < cfg.min_samples or view.total == st.samples_judged:
+            return self._answer(model)  # nothing new in the window since the last look: nothing to certify
         if st.samples_at_change >= 0 and view.total - st.samples_at_change < cfg.min_samples:
-            return self.describe(model)  # waiting for evidence the last change has not seen
-        lower = st.live["agreement_lower"]
+            return self._answer(model)  # waiting for evidence the last change has not seen
+        lower, target = st.live["agreement_lower"], cfg.target_agreement
+        action = "tighten" if lower < target else "relax" if lower > target + cfg.hysteresis else None
+        if action is None:
+            return self._answer(model)
+        st.samples_judged = view.total
         manifest = self.engine.bundle(model).manifest
-        action = None
-        if lower < cfg.target_agreement or lower > cfg.target_agreement + cfg.hysteresis:
-            certified = guaranteed(view.calibration, manifest, target_agreement=cfg.target_agreement,
-                                   confidence=cfg.confidence, criterion=policy.criterion)
-            new = ExitPolicy(policy.criterion, tuple(certified.thresholds))
-            cost = simulate(view.calibration, new.criterion, new.thresholds, manifest).compute_fraction
-            if lower < cfg.target_agreement and not new.same_as(policy):
-                action = "tighten"
-            elif (lower > cfg.target_agreement + cfg.hysteresis and not new.same_as(policy)
-                  and cost <= report.compute_fraction - cfg.min_saving):
-                action = "relax"
-            if action is not None:
-                reason = (f"{SOURCE_AUTO} ({action}: live agreement {report.agreement:.4f}, lower bound {lower:.4f} "
-                          f"vs target {cfg.target_agreement:g} on {view.samples} window samples; compute "
-                          f"{report.compute_fraction:.3f} -> {cost:.3f})")
-                try:
-                    record = self.control.apply(model, new, reason, expected=policy.version)
-                except OfframpError as err:  # another replica or an operator changed it first
-                    log.info("%s: auto-calibration skipped: %s", model, err)
-                    return self.describe(model)
-                st.samples_at_change = view.total
-                st.last_action = {"action": action, "version": record.version, "reason": reason}
-                self.metrics.auto_change(model, action)
-                log.info("%s: %s", model, reason)
-        return self.describe(model)
+        certified = guaranteed(view.calibration, manifest, target_agreement=target, confidence=cfg.confidence,
+                               criterion=policy.criterion)
+        new = ExitPolicy(policy.criterion, tuple(certified.thresholds))
+        cost = simulate(view.calibration, new.criterion, new.thresholds, manifest).compute_fraction
+        if new.same_as(policy) or (action == "relax" and cost > report.compute_fraction - cfg.min_saving):
+            return self._answer(model)
+        reason = (f"{SOURCE_AUTO} ({action}: live agreement {report.agreement:.4f}, lower bound {lower:.4f} "
+                  f"vs target {target:g} on {view.samples} window samples; compute "
+                  f"{report.compute_fraction:.3f} -> {cost:.3f})")
+        try:
+            record = self.control.apply(model, new, reason, expected=policy.version)
+        except OfframpError as err:  # another replica or an operator changed it first
+            log.info("%s: auto-calibration skipped: %s", model, err)
+            return self._answer(model)
+        st.samples_at_change = view.total
+        st.last_action = {"action": action, "version": record.version, "reason": reason}
+        self.metrics.auto_change(model, action)
+        log.info("%s: %s", model, reason)
+        self.estimate(model)  # the live figures of the new policy, for the answer and the metrics
+        return self._answer(model)
 
     async def run(self) -> None:
         """The periodic loop (the app's lifespan starts and cancels it)."""

@@ -119,8 +119,7 @@ def _certified(args: argparse.Namespace, bundle: Any, calib: Any, criteria: list
     for criterion in criteria:
         try:
             results[criterion] = guaranteed(calib, manifest, criterion=criterion, confidence=each,
-                                            target_agreement=value if target == "target_agreement" else None,
-                                            target_accuracy=value if target == "target_accuracy" else None)
+                                            **{target: value})  # type: ignore[arg-type]
         except ValueError as err:
             print(f"{criterion}: {err}", file=sys.stderr)
             if "must be in" in str(err):

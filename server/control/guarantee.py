@@ -55,7 +55,7 @@ def binomial_cdf(d: int, n: int, p: float) -> float:
     if p <= 0.0:
         return 1.0
     if p >= 1.0:
-        return 0.0 if d < n else 1.0
+        return 0.0  # d < n here
     k = np.arange(d + 1, dtype=np.float64)
     from math import lgamma
 
@@ -192,12 +192,12 @@ def guaranteed(calibration: Calibration, manifest_or_flops: Manifest | Sequence[
         family, thresholds, held = "full-depth", full, report
     else:
         # The cheapest certified candidate (shared ones measured on all samples, per-exit on the test part).
-        family, thresholds, _ = min(options, key=lambda o: o[2].compute_fraction)
-        held = simulate(test, criterion, thresholds, flops)  # every report on the same test part
-    rows = test_rows
-    successes = int(round(_quality(held, target) * len(rows)))
+        family, thresholds, held = min(options, key=lambda o: o[2].compute_fraction)
+        if family == "shared":  # report every family on the same test part
+            held = simulate(test, criterion, thresholds, flops)
+    successes = int(round(_quality(held, target) * len(test_rows)))
     return GuaranteedResult(
         criterion=criterion, target=target, value=value, confidence=confidence, thresholds=list(thresholds),
-        family=family, certified=family != "full-depth", fit_samples=len(fit_rows), test_samples=len(rows),
-        held_out=held, interval=clopper_pearson(successes, len(rows), confidence),
+        family=family, certified=family != "full-depth", fit_samples=len(fit_rows), test_samples=len(test_rows),
+        held_out=held, interval=clopper_pearson(successes, len(test_rows), confidence),
         candidates_certified=len(options), seed=seed)

@@ -53,13 +53,8 @@ class PolicyControl:
     def put(self, model: str, criterion: str | None, thresholds: Sequence[float | None],
             expected: int | None) -> ExitPolicy:
         """Set the thresholds (and the criterion; None keeps the current one)."""
-        manifest = self.engine.bundle(model).manifest
         chosen = criterion if criterion is not None else self.current(model).criterion
-        policy = ExitPolicy(chosen, tuple(thresholds))
-        problems = policy.problems_for(manifest)
-        if problems:
-            raise Unprocessable(f"invalid exit policy for {model}: " + "; ".join(problems))
-        return self._apply(model, policy, SOURCE_PUT, expected)
+        return self.apply(model, ExitPolicy(chosen, tuple(thresholds)), SOURCE_PUT, expected)
 
     def calibrate(self, model: str, targets: dict[str, float], criterion: str | None, dry_run: bool,
                   expected: int | None, confidence: float | None = CONFIDENCE) -> dict[str, Any]:
@@ -78,11 +73,11 @@ class PolicyControl:
         (name, value), = targets.items()
         try:
             if confidence is not None and name != "compute_budget":
-                certified = guaranteed(
-                    calib, manifest, criterion=chosen, confidence=confidence,
-                    target_agreement=float(value) if name == "target_agreement" else None,
-                    target_accuracy=float(value) if name == "target_accuracy" else None)
-                thresholds, extra = certified.thresholds, {"guarantee": certified.to_dict()}
+                certified = guaranteed(calib, manifest, criterion=chosen, confidence=confidence,
+                                       **{name: float(value)})  # type: ignore[arg-type]
+                thresholds = certified.thresholds
+                extra = {"guarantee": certified.to_dict(),  # and the thresholds on every calibration sample:
+                         "expected": simulate(calib, chosen, thresholds, manifest).to_dict()}
             else:
                 result = calibrate(calib, manifest, criterion=chosen, **{name: float(value)})
                 thresholds, extra = result.thresholds, result.to_dict()
@@ -90,7 +85,6 @@ class PolicyControl:
             raise Unprocessable(str(err)) from err
         out: dict[str, Any] = {"model": model, "dry_run": dry_run, "criterion": chosen, "target": {name: value},
                                "thresholds": thresholds, **extra}
-        out["expected"] = simulate(calib, chosen, thresholds, manifest).to_dict()  # on every calibration sample
         if dry_run:
             out.update(applied=False, version=None, current_version=live.version)
             return out
@@ -100,7 +94,7 @@ class PolicyControl:
         return out
 
     def apply(self, model: str, policy: ExitPolicy, source: str, expected: int | None) -> ExitPolicy:
-        """A validated change from elsewhere in control/ (auto-recalibration): store, then serve."""
+        """Validate, store, then serve a change (the PUT route, auto-recalibration)."""
         problems = policy.problems_for(self.engine.bundle(model).manifest)
         if problems:
             raise Unprocessable(f"invalid exit policy for {model}: " + "; ".join(problems))

@@ -24,7 +24,7 @@ from server.interface import InferResult, WindowView
 from server.metrics import Metrics
 from server.policy import ExitPolicy
 from server.settings import Settings
-from server.text import TokenRows, check_mask, tokenizer_for
+from server.text import TokenRows, check_mask, tokenizer_for, trim
 
 __all__ = ["Engine", "InferResult", "RunnerFactory"]
 
@@ -174,7 +174,8 @@ class Engine:
             scheduler = self._schedulers.get(model)
             if scheduler is None:
                 raise NotReady(f"model {model!r} is not serving (not started yet, or shutting down)")
-            rows = TokenRows(np.ascontiguousarray(x.data, np.int64), np.ascontiguousarray(x.mask, np.int64))
+            # Padding no row needs (a client's own ids may carry some) is dropped before any stage runs.
+            rows = trim(TokenRows(np.ascontiguousarray(x.data, np.int64), np.ascontiguousarray(x.mask, np.int64)))
             return await scheduler.submit(rows, early_exit=early_exit, direct=direct)
         spec = bundle.manifest.input
         want = tuple(spec.shape[1:])

@@ -105,7 +105,7 @@ class LiveWindow:
         gate, sim = rec[:, :, self.num_classes].T, rec[:, :, self.num_classes + 1].T
         return Calibration(labels=logits[-1].argmax(-1).astype(np.int64), logits=np.ascontiguousarray(logits),
                            gate=None if np.isnan(gate[:-1]).all() else np.ascontiguousarray(gate),
-                           similarity=None if np.isnan(sim[1:-1]).all() else np.ascontiguousarray(sim))
+                           similarity=None if np.isnan(sim[:-1]).all() else np.ascontiguousarray(sim))
 
     def save(self, path: Path) -> None:
         import io

@@ -94,12 +94,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = request.model_name
         label = model if model in self.engine.model_names() else UNKNOWN_MODEL
         started = time.perf_counter()
+        self.state.in_progress += 1  # shared with REST (server.http.v2.answer_infer): alone, the direct path
         try:
             if self.state.draining:
                 raise OfframpError("the server is shutting down: retry on another replica", 503)
             bundle = self._bundle(model, request.model_version)
             x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
-            result = await self.engine.infer(model, x, early_exit=early_exit)
+            result = await self.engine.infer(model, x, early_exit=early_exit, direct=self.state.in_progress == 1)
             response = encode(bundle.manifest, request.id, result, wanted)
         except OfframpError as err:
             metrics.request_done(label, outcome(err.status_code))
@@ -108,6 +109,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("gRPC infer on model %r failed", model)
             metrics.request_done(label, "error")
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
+        finally:
+            self.state.in_progress -= 1
         metrics.request_done(label, "ok", time.perf_counter() - started)
         return response
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from server.bundle import NUMPY_DTYPES, Bundle, InputSpec, Manifest
 from server.errors import BadRequest
-from server.text import ATTENTION_MASK, INPUT_IDS, TEXT_INPUT, TokenRows, check_mask, tokenizer_for
+from server.text import ATTENTION_MASK, INPUT_IDS, TEXT_INPUT, TokenRows, tokenizer_for
 
 __all__ = ["Tensor", "decode_text_body", "decode_text_inputs", "encode_text_request", "input_metadata",
            "serialize_bytes", "split_bytes", "tokenizer_for"]
@@ -167,13 +167,14 @@ def _int_array(t: Tensor, max_samples: int) -> np.ndarray:
 
 
 def _token_ids(bundle: Bundle, ids_t: Tensor, mask_t: Tensor, max_samples: int) -> TokenRows:
+    """Decoded ids and mask; their shapes, mask and lengths are checked where every caller's rows are,
+    in `Engine.infer` (`server.text.check_mask`); the vocabulary only the tokenizer knows, here."""
     tokenizer = tokenizer_for(bundle)
     ids, mask = _int_array(ids_t, max_samples), _int_array(mask_t, max_samples)
-    check_mask(ids, mask, tokenizer.max_length)
     if ids.size and int(ids.max()) >= tokenizer.vocab_size:
         raise BadRequest(f"{INPUT_IDS!r}: token id {int(ids.max())} is outside the vocabulary "
                          f"({tokenizer.vocab_size} tokens)")
-    return TokenRows(np.ascontiguousarray(ids), np.ascontiguousarray(mask))
+    return TokenRows(ids, mask)
 
 
 def serialize_bytes(items: list[bytes]) -> bytes:

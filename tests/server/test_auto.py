@@ -227,3 +227,14 @@ def test_the_window_survives_a_restart_when_persisted(dense, tmp_path: Path) -> 
     assert asyncio.run(serve(True)) == 30
     assert (tmp_path / f"{dense.name}.window.npz").is_file()
     assert asyncio.run(serve(False)) == 30  # read back at start
+
+
+def test_a_two_stage_window_keeps_its_similarity() -> None:
+    """The similarity criterion replays on the window of a 2-stage model too (it used to be dropped,
+    and the admin GET of such a model then failed)."""
+    w = LiveWindow(num_stages=2, num_classes=2, capacity=4, rate=1.0)
+    trace = w.begin(1)
+    for stage in range(2):
+        w.record(stage, trace, np.array([[1.0, 0.0]], np.float32), None, np.array([0.9], np.float32))
+    calib = w.calibration()
+    assert calib is not None and calib.similarity is not None and calib.similarity[0, 0] == pytest.approx(0.9)

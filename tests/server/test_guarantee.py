@@ -69,18 +69,20 @@ def test_too_few_samples_to_certify_means_full_depth() -> None:
     assert result.held_out.agreement == 1.0
 
 
-def test_patience_and_entropy_are_certified_too() -> None:
+def test_patience_and_entropy_are_certified_too(truth: Calibration) -> None:
     calib = population(4000, seed=3)
     for criterion in ("entropy", "margin", "patience"):
         result = guaranteed(calib, FLOPS, target_agreement=0.9, confidence=0.9, criterion=criterion)
-        assert result.held_out.agreement >= result.interval[0]
-        assert result.fit_samples == 2000 and result.test_samples == 2000
+        assert result.certified, criterion
+        assert simulate(truth, criterion, result.thresholds, FLOPS).agreement >= 0.9  # on fresh samples
+        assert result.fit_samples + result.test_samples == 4000
 
 
-def test_accuracy_targets_and_bad_arguments() -> None:
+def test_accuracy_targets_and_bad_arguments(truth: Calibration) -> None:
     calib = population(2000, seed=4)
     result = guaranteed(calib, FLOPS, target_accuracy=0.9, confidence=0.9)
-    assert result.target == "target_accuracy" and result.held_out.accuracy >= result.interval[0]
+    assert result.target == "target_accuracy" and result.certified
+    assert simulate(truth, "max_prob", result.thresholds, FLOPS).accuracy >= 0.9  # on fresh samples
     with pytest.raises(ValueError, match="cannot be certified"):
         guaranteed(subset(calib, np.arange(200)), FLOPS, target_accuracy=0.9999, confidence=0.95)
     with pytest.raises(ValueError, match="exactly one"):
