@@ -58,11 +58,11 @@ class AutoBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     enabled: StrictBool
-    target_agreement: float = Field(0.99, gt=0.5, lt=1.0)
-    confidence: float = Field(0.95, ge=0.5, lt=1.0)
-    min_samples: int = Field(200, ge=20)
-    hysteresis: float = Field(0.005, ge=0.0, lt=0.5)
-    min_saving: float = Field(0.02, ge=0.0, lt=1.0)
+    target_agreement: float = Field(AutoConfig.target_agreement, gt=0.5, lt=1.0)  # defaults: AutoConfig's
+    confidence: float = Field(AutoConfig.confidence, ge=0.5, lt=1.0)
+    min_samples: int = Field(AutoConfig.min_samples, ge=20)
+    hysteresis: float = Field(AutoConfig.hysteresis, ge=0.0, lt=0.5)
+    min_saving: float = Field(AutoConfig.min_saving, ge=0.0, lt=1.0)
 
 
 def build_admin_router(control: PolicyControl, settings: Settings, auto: AutoCalibrator | None = None) -> APIRouter:
