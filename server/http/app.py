@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from server import __version__
-from server.bundle import Bundle, load_bundle
+from server.bundle import Bundle, load_bundles
 from server.control.auto import AutoCalibrator
 from server.control.policies import PolicyControl
 from server.control.stores import build_store, build_sync
@@ -83,7 +83,7 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
         from server.engine.engine import Engine  # onnxruntime loads here, not when the CLI parses flags
 
         if bundles is None:
-            bundles = [load_bundle(path) for path in settings.bundles]
+            bundles = load_bundles(settings.bundles, settings.model_name)
         if not bundles:
             raise BundleError("no bundle to serve: pass --bundle DIR or set OFFRAMP_BUNDLES")
         # The live policy survives restarts: start from what operators last set, else the bundle default.
