@@ -379,26 +379,3 @@ def load_bundle(root: str | Path, *, verify_hashes: bool = True, name: str | Non
         raise BundleError("bundle " + str(root) + " is invalid:\n  " + "\n  ".join(problems))
     return Bundle(root, manifest)
 
-
-def inspect_table(bundle: Bundle) -> str:
-    """A text table of stages: FLOPs, cumulative FLOPs fraction, params, exit accuracy."""
-    m = bundle.manifest
-    total = max(1, sum(s.flops for s in m.stages))
-    cumulative = m.cumulative_flops()
-    lines = [
-        f"{m.name} v{m.version}: {m.num_stages} stages, {m.num_classes} classes, input {m.input.name} "
-        f"{m.input.shape} {m.input.dtype}",
-        f"default policy: {m.default_policy.criterion} {m.default_policy.thresholds}",
-        "",
-        f"{'stage':>5} {'blocks':>10} {'head':>8} {'MFLOPs':>10} {'cum. frac':>9} {'params':>10} "
-        f"{'exit acc':>9}",
-    ]
-    for stage, cum, acc in zip(m.stages, cumulative, m.accuracy.per_stage, strict=True):
-        blocks = ",".join(map(str, stage.blocks)) or "-"
-        lines.append(
-            f"{stage.index:>5} {blocks:>10} {stage.head:>8} {stage.flops / 1e6:>10.3f} {cum / total:>9.3f} "
-            f"{stage.params:>10,} {acc:>9.4f}"
-        )
-    lines.append(f"total {total / 1e6:.3f} MFLOPs per sample; accuracy on {m.accuracy.split} split "
-                 f"({m.accuracy.samples} samples)")
-    return "\n".join(lines)

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import SecretStr, ValidationError
@@ -35,6 +35,9 @@ from server import __version__
 from server.control.calibrate_cli import register as register_calibrate
 from server.errors import BundleError, StateError, validation_problems
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.bundle import Bundle
 
 log = logging.getLogger("offramp.cli")
 
@@ -295,7 +298,7 @@ def _run(main: Any) -> None:
 
 def inspect(args: argparse.Namespace) -> int:
     """Verify a bundle and print its stages (no torch needed)."""
-    from server.bundle import inspect_table, load_bundle
+    from server.bundle import load_bundle
 
     try:
         bundle = load_bundle(args.bundle)
@@ -327,3 +330,27 @@ def register(subparsers: argparse._SubParsersAction, *, default_bundle: DefaultB
     p.add_argument("bundle", type=Path, metavar="DIR", help="bundle directory")
     p.set_defaults(func=inspect)
     register_calibrate(subparsers)
+
+
+def inspect_table(bundle: Bundle) -> str:
+    """A text table of stages: FLOPs, cumulative FLOPs fraction, params, exit accuracy."""
+    m = bundle.manifest
+    total = max(1, sum(s.flops for s in m.stages))
+    cumulative = m.cumulative_flops()
+    lines = [
+        f"{m.name} v{m.version}: {m.num_stages} stages, {m.num_classes} classes, input {m.input.name} "
+        f"{m.input.shape} {m.input.dtype}",
+        f"default policy: {m.default_policy.criterion} {m.default_policy.thresholds}",
+        "",
+        f"{'stage':>5} {'blocks':>10} {'head':>8} {'MFLOPs':>10} {'cum. frac':>9} {'params':>10} "
+        f"{'exit acc':>9}",
+    ]
+    for stage, cum, acc in zip(m.stages, cumulative, m.accuracy.per_stage, strict=True):
+        blocks = ",".join(map(str, stage.blocks)) or "-"
+        lines.append(
+            f"{stage.index:>5} {blocks:>10} {stage.head:>8} {stage.flops / 1e6:>10.3f} {cum / total:>9.3f} "
+            f"{stage.params:>10,} {acc:>9.4f}"
+        )
+    lines.append(f"total {total / 1e6:.3f} MFLOPs per sample; accuracy on {m.accuracy.split} split "
+                 f"({m.accuracy.samples} samples)")
+    return "\n".join(lines)
