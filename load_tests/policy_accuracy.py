@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 
-async def _answers(bundle: Any, policy: Any, data: Any, early: bool) -> tuple[np.ndarray, np.ndarray]:
+async def answers(bundle: Any, policy: Any, data: Any, early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, exit stages, probabilities) of every sample of `data`, answered by the engine."""
     from load_tests.bench import model_input
     from server.engine.engine import Engine
     from server.metrics import Metrics
@@ -30,14 +31,15 @@ async def _answers(bundle: Any, policy: Any, data: Any, early: bool) -> tuple[np
     await engine.start()
     try:
         to_input = model_input(bundle)
-        labels, stages = [], []
+        labels, stages, probs = [], [], []
         for i in range(0, len(data), 64):
             result = await engine.infer(bundle.name, to_input(data.x[i:i + 64]), early_exit=early, direct=False)
             labels.append(result.labels)
             stages.append(result.exit_stage)
+            probs.append(result.probabilities)
     finally:
         await engine.stop()
-    return np.concatenate(labels), np.concatenate(stages)
+    return np.concatenate(labels), np.concatenate(stages), np.concatenate(probs)
 
 
 def evaluate(bundle_dir: Path, targets: list[float]) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def evaluate(bundle_dir: Path, targets: list[float]) -> dict[str, Any]:
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
     data = sentiment_test_split() if m.text is not None else digits_test_split()
-    full, _ = asyncio.run(_answers(bundle, m.default_policy.with_version(1), data, early=False))
+    full, _, _ = asyncio.run(answers(bundle, m.default_policy.with_version(1), data, early=False))
     policies = {"default": m.default_policy}
     for t in targets:
         policies[f"in-sample point estimate {t:g}"] = ExitPolicy(
@@ -59,7 +61,7 @@ def evaluate(bundle_dir: Path, targets: list[float]) -> dict[str, Any]:
     rows = [{"policy": "full depth", "thresholds": None, "accuracy": float((full == data.y).mean()),
              "agreement": 1.0, "mean_stages": float(m.num_stages), "compute_fraction": 1.0}]
     for name, policy in policies.items():
-        labels, stages = asyncio.run(_answers(bundle, policy.with_version(1), data, early=True))
+        labels, stages, _ = asyncio.run(answers(bundle, policy.with_version(1), data, early=True))
         rows.append({"policy": name, "thresholds": list(policy.thresholds),
                      "accuracy": float((labels == data.y).mean()), "agreement": float((labels == full).mean()),
                      "mean_stages": float((stages + 1).mean()),

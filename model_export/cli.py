@@ -86,6 +86,7 @@ def export(args: argparse.Namespace) -> int:
         out = export_bundle(
             model, args.out, splits, name=args.name or meta["name"], cfg=EXPORT_CONFIGS[config],
             criterion=data.get("criterion"), tokenizer=tokenizer,
+            conformal_coverage=args.conformal_coverage or data.get("conformal_coverage"),
         )
     except ExportCheckError as err:
         print(f"offramp export: {err}", file=sys.stderr)
@@ -227,4 +228,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's)")
     p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard", "encoder-text"],
                    help="export config (default: the one of the checkpoint's data set)")
+    p.add_argument("--conformal-coverage", type=float, default=None, metavar="P",
+                   help="serve conformal prediction sets holding the true label with probability P, e.g. 0.95 "
+                   "(default: the recipe's; jei 0.95, others none)")
     p.set_defaults(func=export)

@@ -50,6 +50,7 @@ from server.bundle import (
     TOKENIZER,
     AccuracySpec,
     Calibration,
+    ConformalSpec,
     InputSpec,
     Manifest,
     ReferenceSpec,
@@ -345,6 +346,7 @@ def export_bundle(
     created_by: str = "",
     criterion: str | None = None,
     tokenizer: Path | None = None,
+    conformal_coverage: float | None = None,
 ) -> Path:
     """Export, check, measure and calibrate `model` into the bundle directory `out`.
 
@@ -352,6 +354,7 @@ def export_bundle(
     `criterion` names the default policy's exit criterion (default: the config's, max_prob);
     its thresholds are chosen on the validation split (`default_thresholds`). `tokenizer` (text
     models): the `tokenizer.json` the bundle ships, so the server tokenizes exactly as training did.
+    `conformal_coverage`: the bundle serves conformal prediction sets promising it (server/conformal.py).
     """
     check_model(model)
     out = Path(out)
@@ -425,6 +428,7 @@ def export_bundle(
         accuracy=AccuracySpec(split="test", samples=len(splits.test), per_stage=accuracy),
         calibration=CALIBRATION,
         reference=ReferenceSpec(file=REFERENCE, sha256=sha256_file(out / REFERENCE), outputs=ref_outputs),
+        conformal=None if conformal_coverage is None else ConformalSpec(coverage=conformal_coverage),
         created_by=created_by
         or f"offramp model_export (torch {torch.__version__}, {time.perf_counter() - start:.1f} s)",
     )

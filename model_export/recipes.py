@@ -53,6 +53,8 @@ class Recipe:
     heads: ClassVar[tuple[str, ...] | None] = None
     """Head kinds this recipe trains; None = every head kind without a gate."""
     default_head: ClassVar[str] = "linear"
+    conformal_coverage: ClassVar[float | None] = None
+    """Bundles of this recipe serve conformal prediction sets with this coverage (server/conformal.py)."""
 
     def model_overrides(self) -> dict[str, object]:
         """ViTConfig fields the recipe needs (MET's adapters)."""
@@ -411,6 +413,7 @@ class JEI(Recipe):
     policy certifies its gate threshold instead of JEI-DNN's fixed 0.5 (PUT 0.5 to serve it)."""
 
     name = "jei"
+    conformal_coverage = 0.95  # dynn computes sets for alpha 0.01 ... 0.05; the bundle serves alpha 0.05
     summary = "JEI-DNN: frozen backbone, warm-up, then gates and inference modules trained in alternation"
     criterion = "gate"
     heads = ("jei",)
@@ -573,10 +576,11 @@ def export_recipe(run: RecipeRun, out: Path, splits: Splits, *, name: str, seed:
         tokenizer = minilm_folder() / "tokenizer.json"
     out = export_bundle(
         run.model, Path(out), splits, name=name, cfg=EXPORT_CONFIGS[DATASET_EXPORT_CONFIGS[run.dataset]],
-        criterion=r.criterion, tokenizer=tokenizer,
+        criterion=r.criterion, tokenizer=tokenizer, conformal_coverage=r.conformal_coverage,
         created_by=f"offramp train --recipe {run.recipe} --head {run.head} ({run.dataset}, seed {seed}): "
         f"{run.result.steps} steps in {run.result.seconds:.1f} s",
     )
     save_checkpoint(out / "checkpoint.pt", run.model, name=name, data={
-        "dataset": run.dataset, "split_seed": 0, "seed": seed, "recipe": run.recipe, "criterion": r.criterion})
+        "dataset": run.dataset, "split_seed": 0, "seed": seed, "recipe": run.recipe, "criterion": r.criterion,
+        "conformal_coverage": r.conformal_coverage})
     return out

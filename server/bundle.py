@@ -116,6 +116,14 @@ class TextSpec(_Strict):
     input: str = Field("text", description="The V2 BYTES input carrying the sentences.")
 
 
+class ConformalSpec(_Strict):
+    """Conformal prediction sets (server/conformal.py): the coverage each exit's sets promise."""
+
+    coverage: float = Field(gt=0, lt=1, description="1 - alpha: the sets hold the true label this often.")
+    min_exit_samples: int = Field(20, ge=1, description="Fewer calibration samples exiting at a stage: "
+                                  "that stage's quantile comes from all samples' scores there.")
+
+
 class Manifest(_Strict):
     format_version: int
     name: str = Field(pattern=MODEL_NAME_PATTERN)
@@ -133,6 +141,7 @@ class Manifest(_Strict):
     accuracy: AccuracySpec
     calibration: str | None = CALIBRATION
     reference: ReferenceSpec | None = None
+    conformal: ConformalSpec | None = None
     created_by: str = ""
 
     @field_validator("default_policy", mode="after")
@@ -165,6 +174,8 @@ class Manifest(_Strict):
                 problems.append(
                     f"stage {i} logits have {logits.shape[-1]} classes, manifest has {len(self.labels)} labels"
                 )
+        if self.conformal is not None and self.calibration is None:
+            problems.append("conformal prediction sets need the calibration data (calibration is null)")
         if len(self.default_policy.thresholds) != len(self.stages) - 1:
             problems.append(
                 f"default_policy has {len(self.default_policy.thresholds)} thresholds, "

@@ -23,6 +23,7 @@ class InferResult:
     labels: np.ndarray  # int64 [N]
     probabilities: np.ndarray  # float32 [N, C]
     exit_stage: np.ndarray  # int32 [N], 0-based stage index
+    prediction_set: np.ndarray | None = None  # bool [N, C] when asked for (server/conformal.py)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from server.bundle import Calibration, Manifest
-from server.exits import CRITERIA, Criterion, ExitState, advance, decide, lookup, softmax, threshold_range
+from server.exits import CRITERIA, Criterion, ExitState, advance, lookup, softmax, threshold_range
+from server.replay import replay, stage_array
 
 TARGETS = ("target_agreement", "target_accuracy", "compute_budget")
 _PRICES = tuple(float(p) for p in np.geomspace(1e-3, 1e3, 36))
@@ -103,10 +104,6 @@ def stage_flops(manifest_or_flops: Manifest | Sequence[float]) -> list[int]:
     return [int(round(f)) for f in flops]
 
 
-def _stage_array(array: np.ndarray | None, stage: int) -> np.ndarray | None:
-    return None if array is None else array[stage]
-
-
 def _check(calibration: Calibration, criterion: str, num_stages: int) -> None:
     stages = calibration.logits.shape[0]
     if stages != num_stages:
@@ -131,20 +128,8 @@ def simulate(
     if len(thresholds) != num_stages - 1:
         raise ValueError(f"expected {num_stages - 1} thresholds (one per early exit), got {len(thresholds)}")
     n = calibration.labels.shape[0]
-    stage_of = np.full(n, num_stages - 1, np.int64)
-    answer = np.zeros(n, np.int64)
-    active = np.arange(n)
-    state = ExitState.initial(n)
-    for s in range(num_stages - 1):
-        gate, sim = _stage_array(calibration.gate, s), _stage_array(calibration.similarity, s)
-        mask, labels, state = decide(
-            criterion, thresholds[s], calibration.logits[s][active], state,
-            None if gate is None else gate[active], None if sim is None else sim[active],
-        )
-        stage_of[active[mask]], answer[active[mask]] = s, labels[mask]
-        active, state = active[~mask], state.take(np.flatnonzero(~mask))
+    stage_of, answer = replay(calibration, criterion, thresholds)
     final = softmax(calibration.logits[-1]).argmax(axis=-1)
-    answer[active] = final[active]
     counts = np.bincount(stage_of, minlength=num_stages)
     cumulative = np.cumsum(flops)
     return PolicyReport(
@@ -175,7 +160,7 @@ class _Search:
         for s in range(self.k):
             scores[s], labels[s], state = advance(
                 criterion, calibration.logits[s], state,
-                _stage_array(calibration.gate, s), _stage_array(calibration.similarity, s),
+                stage_array(calibration.gate, s), stage_array(calibration.similarity, s),
             )
         labels[-1] = softmax(calibration.logits[-1]).argmax(axis=-1)
         reference = labels[-1] if quality == "agreement" else calibration.labels

@@ -22,25 +22,27 @@ from typing import Any
 
 import numpy as np
 
-from server import __version__, jsonio
+from server import jsonio
 from server.bundle import NUMPY_DTYPES, Bundle, InputSpec, Manifest
 from server.errors import BadRequest
 from server.http import text_codec
+from server.http.describe import PREDICTION_SET, model_metadata, server_metadata  # noqa: F401 - re-exported
 from server.interface import InferResult
 from server.text import TokenRows
 
 INFER_HEADER = "Inference-Header-Content-Length"
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
-PLATFORM = "offramp-early-exit"
-EXTENSIONS = ["binary_tensor_data", "parameters"]
 
-# Output name -> (V2 datatype, little-endian numpy dtype). The order is the default response order.
+# Output name -> (V2 datatype, little-endian numpy dtype). Answered by default: DEFAULT_OUTPUTS, in
+# this order; `prediction_set` only when asked for, and only by models with conformal calibration.
 OUTPUTS: dict[str, tuple[str, np.dtype]] = {
     "label": ("INT64", np.dtype("<i8")),
     "probabilities": ("FP32", np.dtype("<f4")),
     "exit_stage": ("INT32", np.dtype("<i4")),
+    "prediction_set": ("BOOL", np.dtype("?")),
 }
+DEFAULT_OUTPUTS = ("label", "probabilities", "exit_stage")
 
 
 @dataclass(frozen=True)
@@ -57,36 +59,6 @@ class InferRequest:
     id: str | None = None
     early_exit: bool = True
     outputs: list[RequestedOutput] = field(default_factory=list)
-
-
-def server_metadata() -> dict[str, Any]:
-    return {"name": "offramp", "version": __version__, "extensions": list(EXTENSIONS)}
-
-
-def model_metadata(manifest: Manifest) -> dict[str, Any]:
-    spec = manifest.input
-    inputs = [{"name": spec.name, "datatype": spec.dtype, "shape": list(spec.shape)}]
-    text_params: dict[str, Any] = {}
-    if manifest.text is not None:
-        inputs, text_params = text_codec.input_metadata(manifest)
-    return {
-        "name": manifest.name,
-        "versions": [manifest.version],
-        "platform": PLATFORM,
-        "inputs": inputs,
-        "outputs": [
-            {"name": "label", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, manifest.num_classes]},
-            {"name": "exit_stage", "datatype": "INT32", "shape": [-1]},
-        ],
-        "parameters": {
-            "stages": manifest.num_stages,
-            "labels": list(manifest.labels),
-            "exit_criterion": manifest.default_policy.criterion,
-            "preprocessing": spec.preprocessing,
-            **text_params,
-        },
-    }
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -259,7 +231,7 @@ def decode_infer_request(
 def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[RequestedOutput]:
     requested = doc.get("outputs")
     if requested is None or requested == []:
-        return [RequestedOutput(name, binary_default) for name in OUTPUTS]
+        return [RequestedOutput(name, binary_default) for name in DEFAULT_OUTPUTS]
     if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         raise BadRequest("outputs must be a list of objects with a name")
     out: list[RequestedOutput] = []
@@ -307,7 +279,8 @@ def check_output_name(name: Any, seen: list[str]) -> None:
 
 def output_array(name: str, result: InferResult) -> np.ndarray:
     """An answer's output as the little-endian array the protocol sends."""
-    source = {"label": result.labels, "probabilities": result.probabilities, "exit_stage": result.exit_stage}
+    source = {"label": result.labels, "probabilities": result.probabilities, "exit_stage": result.exit_stage,
+              PREDICTION_SET: result.prediction_set}
     return np.ascontiguousarray(source[name], dtype=OUTPUTS[name][1])
 
 
@@ -317,7 +290,7 @@ def encode_infer_response(
     """The response body and its headers (content type, and the extension header when binary)."""
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
-    for want in request.outputs or [RequestedOutput(n, False) for n in OUTPUTS]:
+    for want in request.outputs or [RequestedOutput(n, False) for n in DEFAULT_OUTPUTS]:
         arr = output_array(want.name, result)
         entry: dict[str, Any] = {
             "name": want.name, "datatype": OUTPUTS[want.name][0], "shape": list(arr.shape),

@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from server import __version__
 from server.bundle import NUMPY_DTYPES
 from server.errors import BadRequest, OfframpError, Overloaded
-from server.http import codec, text_codec
+from server.http import codec, describe, text_codec
 from server.http.v2 import UNKNOWN_MODEL, bundle_for, outcome
 from server.interface import ServingEngine
 from server.metrics import Metrics
@@ -100,7 +100,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 raise OfframpError("the server is shutting down: retry on another replica", 503)
             bundle = self._bundle(model, request.model_version)
             x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
+            sets = describe.wants_sets(bundle.manifest, wanted)
             result = await self.engine.infer(model, x, early_exit=early_exit, direct=self.state.in_progress == 1)
+            if sets:
+                result = describe.with_sets(self.engine, model, bundle, result, early_exit)
             response = encode(bundle.manifest, request.id, result, wanted)
         except OfframpError as err:
             metrics.request_done(label, outcome(err.status_code))
@@ -133,7 +136,7 @@ def decode(request: Any, bundle: Any, max_samples: int) -> tuple[Any, bool, list
         codec.check_output_name(output.name, wanted)
         wanted.append(output.name)
     if bundle.manifest.text is not None:
-        return _text_rows(request, bundle, max_samples), early_exit, wanted or list(codec.OUTPUTS)
+        return _text_rows(request, bundle, max_samples), early_exit, wanted or list(codec.DEFAULT_OUTPUTS)
     codec.check_input_names([t.name for t in request.inputs], spec)
     tensor = request.inputs[0]
     codec.check_datatype(tensor.datatype, spec)
@@ -154,7 +157,7 @@ def decode(request: Any, bundle: Any, max_samples: int) -> tuple[Any, bool, list
             raise BadRequest(f"input {spec.name!r}: no data (raw_input_contents or contents.{field})")
         x = codec.array_from_list(values, spec, shape, dtype)
     codec.check_finite(x, spec)
-    return x, early_exit, wanted or list(codec.OUTPUTS)
+    return x, early_exit, wanted or list(codec.DEFAULT_OUTPUTS)
 
 
 def _text_rows(request: Any, bundle: Any, max_samples: int) -> Any:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from server.bundle import Bundle
 from server.errors import NotFound, OfframpError
-from server.http import codec
+from server.http import codec, describe
 from server.http.bodies import asgi_chunks, read_body, read_limited
 from server.interface import ServingEngine
 from server.jsonio import dumps
@@ -170,7 +170,10 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
             len(raw), codec.decode_request, raw, header_length, bundle,
             max_samples=settings.max_samples_per_request,
         )
+        sets = describe.wants_sets(bundle.manifest, [o.name for o in req.outputs])
         result = await engine.infer(model, req.x, early_exit=req.early_exit, direct=state.in_progress == 1)
+        if sets:
+            result = describe.with_sets(engine, model, bundle, result, req.early_exit)
         content, headers = await _maybe_offloaded(
             len(req.x) * bundle.manifest.num_classes * JSON_BYTES_PER_FLOAT,
             codec.encode_infer_response, bundle.manifest, req, result,

@@ -56,6 +56,8 @@ def test_recipe_trains_exports_and_serves(recipe: str, splits, tmp_path: Path) -
     m = bundle.manifest
     assert m.default_policy.criterion == criterion
     assert all(s.head == head for s in m.stages)
+    # JEI-DNN's bundles serve conformal prediction sets (server/conformal.py); the others do not.
+    assert (m.conformal.coverage if m.conformal else None) == (0.95 if recipe == "jei" else None)
     calib = bundle.calibration()
     if array is not None:
         values = getattr(calib, array)

@@ -22,13 +22,14 @@ class Result:
     labels: np.ndarray
     probabilities: np.ndarray
     exit_stage: np.ndarray
+    prediction_set: np.ndarray | None = None
 
 
 def _result(n: int, classes: int = 10) -> Result:
     rng = np.random.default_rng(n)
     p = rng.random((n, classes)).astype(np.float32)
     p /= p.sum(1, keepdims=True)
-    return Result(p.argmax(1).astype(np.int64), p, rng.integers(0, 3, n).astype(np.int32))
+    return Result(p.argmax(1).astype(np.int64), p, rng.integers(0, 3, n).astype(np.int32), p >= 0.1)
 
 
 def _decode(body: bytes, headers: dict[str, str]) -> protocol.InferRequest:
@@ -88,7 +89,9 @@ def test_response_round_trip(binary_output: bool) -> None:
     )
     doc, arrays = protocol.decode_response(body, headers)
     assert doc["id"] == "abc" and doc["model_name"] == "digits" and doc["model_version"] == "3"
-    assert [o["datatype"] for o in doc["outputs"]] == ["INT64", "FP32", "INT32"]
+    assert [o["datatype"] for o in doc["outputs"]] == ["INT64", "FP32", "INT32", "BOOL"]
+    np.testing.assert_array_equal(arrays["prediction_set"], result.prediction_set)
+    assert arrays["prediction_set"].dtype == bool
     np.testing.assert_array_equal(arrays["label"], result.labels)
     np.testing.assert_array_equal(arrays["probabilities"], result.probabilities)
     np.testing.assert_array_equal(arrays["exit_stage"], result.exit_stage)
