@@ -22,6 +22,12 @@
 #
 # Bundles: the demo bundle is baked in at /bundles/demo and served by default. Mount others at
 # /bundles/<name> and list them in OFFRAMP_BUNDLES (comma-separated).
+#
+# Base images: any Debian-like image with Python 3 and `python3 -m venv` works as PYTHON_IMAGE (every
+# stage installs into a virtual environment at /opt/venv and calls `python3`, so Debian's
+# externally managed system Python and a missing `python` command do not matter).
+# docker/build-local.sh builds the cpu target with podman on a machine without registry access:
+# a debootstrapped Debian bookworm base, torch from a local wheel directory (TORCH_FIND_LINKS).
 
 ARG PYTHON_IMAGE=python:3.11-slim
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
@@ -34,9 +40,15 @@ FROM ${PYTHON_IMAGE} AS demo
 # architecture or behind a mirror, point TORCH_INDEX_URL at that CPU index (or set it empty to
 # use the default index alone: PyPI's aarch64 torch wheels are CPU-only).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# A directory (inside the build, e.g. a bind mount) holding the torch 2.13.0+cpu wheel, searched as
+# well: `--find-links`. Empty by default. With TORCH_INDEX_URL empty too, pip takes torch from
+# there, since 2.13.0+cpu sorts above PyPI's 2.13.0 (docker/build-local.sh does this).
+ARG TORCH_FIND_LINKS=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
@@ -44,7 +56,11 @@ COPY offramp ./offramp
 COPY server ./server
 COPY model_export ./model_export
 COPY load_tests ./load_tests
-RUN pip install -c constraints.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} '.[cpu,export]' \
+# A virtual environment, as in the runtime stages: a Debian base's system Python is externally
+# managed (PEP 668) and refuses a plain `pip install`.
+RUN python3 -m venv /opt/venv \
+ && pip install -c constraints.txt ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
+    ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} '.[cpu,export]' \
  && offramp demo --out /bundles/demo \
  && rm -f /bundles/demo/checkpoint.pt
 
@@ -66,7 +82,7 @@ COPY model_export ./model_export
 COPY load_tests ./load_tests
 COPY docker/runtime-constraints.txt docker/check_runtime.py ./docker/
 COPY --from=demo /bundles/demo /bundles/demo
-RUN python -m venv /opt/venv \
+RUN python3 -m venv /opt/venv \
  && pip install -c docker/runtime-constraints.txt '.[cpu,fast,grpc,redis]' \
  && python docker/check_runtime.py onnxruntime /bundles/demo \
  && groupadd --system --gid 10001 offramp \
