@@ -1,16 +1,27 @@
-"""`offramp compare`: every recipe x head at the same training budget, on digits and digits-hard.
+"""`offramp compare`: the recipes x heads at the same training budget, with statistics a reviewer
+accepts.
 
-For each run: train (model_export.recipes), take every exit's outputs on the validation and test
-splits, count each stage's FLOPs as the export does, then, for the recipe's own criterion and for
-max_prob:
+Protocol (stated again in the generated header):
 
-- a curve of test accuracy against compute fraction (`server.control.calibrate.frontier` on the test
-  outputs: thresholds chosen with hindsight, the best the exits can do);
-- the table's figures at 30, 50 and 70 % of full-depth FLOPs: thresholds chosen on validation
-  (`calibrate(..., compute_budget=b)`), then replayed on test (`simulate`), as a deployment would.
+- **Objective: test accuracy at a compute budget.** For each budget b (fraction of full-depth
+  FLOPs) and each exit criterion the run's stages support, per-exit thresholds are chosen on the
+  **validation** split to maximise validation *accuracy* within b (`calibrate(...,
+  compute_budget=b, budget_objective="accuracy")`); the criterion with the best validation
+  accuracy is kept (ties: the recipe's own); that policy is replayed on the **test** split, which
+  is never looked at to choose anything.
+- **Seeds**: every (recipe, head) trains with several seeds (the data split is fixed); a cell is the
+  mean over seeds of the test accuracy.
+- **Intervals**: 95 % paired bootstrap over test samples (`BOOTSTRAP` replicates, the same
+  resampled indices for every method and seed of a data set, so differences are paired); the
+  across-seed standard deviation is reported beside. A claim is called only where the interval of
+  the difference it is about lies wholly on one side of its margin.
+- **No duplicated runs**: MuE trains exactly as `joint` does (every exit's loss, one shared
+  classifier), so its row is the `joint/shared` model served with the `similarity` exit (MuE's own
+  signal), not a second training run.
 
-Results go between the `compare` markers of docs/recipes.md (the hand-written text around them is
-kept) and the curves into docs/img/.
+Runs are saved one JSON line each as they finish (`--results`), and a rerun skips what is there:
+the grid resumes after an interruption. `--train-limit` subsamples the training split and
+`--max-steps` bounds the steps, to fit the grid into the machine's time (the header says so).
 """
 
 from __future__ import annotations
@@ -19,140 +30,323 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-BUDGETS = (0.3, 0.5, 0.7)
+BUDGETS = (0.3, 0.5, 0.56, 0.7)  # 0.56 = 1 / 1.8: LGViT's "~1.8x speed-up"
+BOOTSTRAP = 2000
+MARGIN = 0.01  # non-inferiority margin: "comparable" / "competitive" = within 1 point
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+TRAINS_AS = {"mue": "joint"}  # recipe -> the recipe whose training it is (same loss, same head)
+SERVED_WITH = {"mue": ("similarity",)}  # a row restricted to its paper's exit signal
+
+
+def pack(correct: np.ndarray) -> str:
+    """0/1 per test sample as hex (the JSON stays small and every figure recomputable)."""
+    return np.packbits(np.asarray(correct, bool)).tobytes().hex()
+
+
+def unpack(bits: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), np.uint8))[:n].astype(bool)
 
 
 @dataclass
 class RunResult:
+    """One trained run: per criterion and budget, the validation accuracy that chose it and what
+    the policy then did on test."""
+
     dataset: str
-    recipe: str
+    recipe: str  # the training recipe (`joint` for MuE's row)
     head: str
-    criterion: str
+    seed: int
+    criterion: str  # the recipe's own
     seconds: float
     mflops: float
-    exit_accuracy: list[float]
-    at_budget: dict[str, dict[str, list[float] | None]] = field(default_factory=dict)
-    """criterion -> {"0.3": [test accuracy, test compute] or None when the budget is out of reach}"""
-    best_within: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    """criterion -> {"0.3": best test accuracy on the test frontier at compute <= budget}"""
-    curves: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    test_samples: int
+    exit_accuracy: list[float]  # test, per exit
+    full_correct: str  # packed: the final exit right on each test sample
+    cells: dict[str, dict[str, dict[str, Any] | None]] = field(default_factory=dict)
+    """criterion -> {str(budget): {"val": accuracy, "compute": test compute, "correct": packed} | None}"""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """How it was trained (epochs, max_steps, train_limit, variant, freeze_backbone, train samples)."""
 
     @property
-    def label(self) -> str:
-        return f"{self.recipe}/{self.head}"
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.dataset, self.recipe, self.head, self.seed)
 
 
 def grid_pairs(grid: str) -> list[tuple[str, str]]:
-    """(recipe, head) pairs: `paper` = each recipe with its paper's head, plus `linear` where that
-    differs and the recipe takes it, plus `joint` with every non-gated head; `full` = all pairs."""
+    """(recipe, head) rows: `paper` = each recipe with its paper's head, plus `linear` for DMPO and
+    LGViT (to separate head from recipe), plus `joint` with those heads; `full` = every pair."""
     from model_export.recipes import RECIPES
 
+    paper_heads = {r.default_head for r in RECIPES.values()}
     pairs: list[tuple[str, str]] = []
     for name, recipe in RECIPES.items():
         heads = recipe.allowed_heads()
-        if grid == "full" or name == "joint":
+        if grid == "full":
             chosen = heads
+        elif name == "joint":
+            chosen = [h for h in heads if h in paper_heads | {"linear"}]
         else:
-            chosen = [recipe.default_head] + (["linear"] if "linear" in heads and recipe.default_head != "linear"
-                                              and name in ("dmpo", "lgvit") else [])
+            chosen = [recipe.default_head] + (["linear"] if name in ("dmpo", "lgvit") else [])
         pairs += [(name, h) for h in chosen]
     return pairs
 
 
-def evaluate(run, splits) -> RunResult:  # noqa: ANN001 - RecipeRun, Splits (torch-side types)
-    """Curves and budget figures of one trained run."""
+def training_runs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The distinct trainings the rows need (MuE's row reuses joint's)."""
+    return list(dict.fromkeys((TRAINS_AS.get(r, r), h) for r, h in pairs))
 
+
+def candidate_criteria(stage_outputs: dict[str, np.ndarray], own: str) -> list[str]:
+    from server.exits import CRITERIA
+
+    have = {k for k, v in stage_outputs.items() if v is not None}
+    usable = [name for name, info in CRITERIA.items() if info.reads is None or info.reads in have]
+    return list(dict.fromkeys([own, *usable]))
+
+
+def evaluate(run: Any, splits: Any, seed: int) -> RunResult:
+    """Every usable criterion at every budget: validation-chosen thresholds replayed on test."""
     from model_export.export import stage_flops, stage_outputs
     from model_export.recipes import get_recipe
     from server.bundle import LOGITS, SIMILARITY, Calibration
-    from server.control.calibrate import calibrate, frontier, simulate
+    from server.control.calibrate import calibrate
+    from server.replay import replay
 
     model = run.model.eval()
     flops = stage_flops(model, splits.val)
+    cum = np.cumsum(flops)
     calib = {}
     for part in ("val", "test"):
         split = getattr(splits, part)
         out = stage_outputs(model, split)
         calib[part] = Calibration(labels=split.y, logits=out[LOGITS], similarity=out.get(SIMILARITY),
                                   gate=out.get("gate"))
-    criterion = get_recipe(run.recipe).criterion
+    test = calib["test"]
+    final = test.logits[-1].argmax(-1) == test.labels
+    own = get_recipe(run.recipe).criterion
     res = RunResult(
-        dataset=run.dataset, recipe=run.recipe, head=run.head, criterion=criterion,
-        seconds=run.result.seconds, mflops=sum(flops) / 1e6,
-        exit_accuracy=[float((z.argmax(-1) == splits.test.y).mean()) for z in calib["test"].logits],
+        dataset=run.dataset, recipe=run.recipe, head=run.head, seed=seed, criterion=own,
+        seconds=run.result.seconds, mflops=sum(flops) / 1e6, test_samples=len(test.labels),
+        exit_accuracy=[float((z.argmax(-1) == test.labels).mean()) for z in test.logits], full_correct=pack(final),
     )
-    for crit in dict.fromkeys([criterion, "max_prob"]):
-        curve = frontier(calib["test"], flops, crit)
-        res.curves[crit] = [tuple(map(float, p)) for p in curve]  # type: ignore[misc]
-        res.at_budget[crit], res.best_within[crit] = {}, {}
+    arrays = {"similarity": test.similarity, "gate": test.gate}
+    for crit in candidate_criteria(arrays, own):
+        res.cells[crit] = {}
         for b in BUDGETS:
-            within = [acc for c, _, acc in curve if c <= b + 1e-9]
-            res.best_within[crit][str(b)] = max(within) if within else None
             try:
-                chosen = calibrate(calib["val"], flops, compute_budget=b, criterion=crit)
-            except ValueError:
-                res.at_budget[crit][str(b)] = None
+                chosen = calibrate(calib["val"], flops, compute_budget=b, criterion=crit, budget_objective="accuracy")
+            except ValueError:  # out of reach (the first exit alone costs more), or the criterion cannot run
+                res.cells[crit][str(b)] = None
                 continue
-            report = simulate(calib["test"], crit, chosen.thresholds, flops)
-            res.at_budget[crit][str(b)] = [report.accuracy, report.compute_fraction]
+            stage_of, answer = replay(test, crit, chosen.thresholds)
+            res.cells[crit][str(b)] = {
+                "val": chosen.report.accuracy, "thresholds": chosen.thresholds,
+                "compute": float(cum[stage_of].sum() / (len(stage_of) * cum[-1])),
+                "correct": pack(answer == test.labels)}
     return res
 
 
-def _cell(value: list[float] | None) -> str:
-    return "—" if value is None else f"{value[0]:.3f} ({value[1]:.2f})"
+# -- statistics -------------------------------------------------------------------------------------
 
 
-def _best(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
+@dataclass
+class Row:
+    """One method (recipe / head) on one data set over its seeds."""
+
+    dataset: str
+    recipe: str
+    head: str
+    runs: list[RunResult]
+
+    @property
+    def label(self) -> str:
+        return f"{self.recipe}/{self.head}"
+
+    def choice(self, run: RunResult, b: float) -> tuple[str, dict[str, Any]] | None:
+        """The criterion and cell validation picks for `run` at budget `b` (None: nothing fits)."""
+        allowed = SERVED_WITH.get(self.recipe)
+        cells = [(c, v[str(b)]) for c, v in run.cells.items()
+                 if v.get(str(b)) is not None and (allowed is None or c in allowed)]
+        if not cells:
+            return None
+        return max(cells, key=lambda cv: (round(cv[1]["val"], 12), cv[0] == run.criterion))  # type: ignore[index]
+
+    def correct(self, b: float | None) -> np.ndarray | None:
+        """[seeds, n] test correctness at budget b (None: full depth); None if a seed has no policy."""
+        rows = []
+        for run in self.runs:
+            if b is None:
+                rows.append(unpack(run.full_correct, run.test_samples))
+                continue
+            picked = self.choice(run, b)
+            if picked is None:
+                return None
+            rows.append(unpack(picked[1]["correct"], run.test_samples))
+        return np.stack(rows)
+
+    def compute(self, b: float) -> float | None:
+        picks = [self.choice(r, b) for r in self.runs]
+        return None if any(p is None for p in picks) else float(np.mean([p[1]["compute"] for p in picks if p]))
+
+    def criteria(self, b: float) -> str:
+        picks = [p[0] for p in (self.choice(r, b) for r in self.runs) if p is not None]
+        return "/".join(dict.fromkeys(picks)) or "—"
 
 
-def table(results: list[RunResult]) -> str:
-    head = ("| recipe / head | criterion | MFLOPs | final acc. | "
-            + " | ".join(f"acc. @ {int(b * 100)} % (test compute)" for b in BUDGETS)
-            + " | " + " | ".join(f"best @ ≤{int(b * 100)} %" for b in BUDGETS) + " | train s |")
+class Bootstrap:
+    """Paired bootstrap over the test samples of one data set."""
+
+    def __init__(self, n: int, replicates: int = BOOTSTRAP, seed: int = 0):
+        self.idx = np.random.default_rng(seed).integers(0, n, (replicates, n))
+
+    def replicates(self, correct: np.ndarray) -> np.ndarray:
+        per_sample = correct.mean(axis=0)  # mean over seeds
+        return per_sample[self.idx].mean(axis=1)
+
+    def interval(self, values: np.ndarray) -> tuple[float, float]:
+        lo, hi = np.percentile(values, [2.5, 97.5])
+        return float(lo), float(hi)
+
+
+def build_rows(results: list[RunResult], pairs: list[tuple[str, str]]) -> list[Row]:
+    rows = []
+    for dataset in dict.fromkeys(r.dataset for r in results):
+        for recipe, head in pairs:
+            trained = TRAINS_AS.get(recipe, recipe)
+            runs = sorted((r for r in results if (r.dataset, r.recipe, r.head) == (dataset, trained, head)),
+                          key=lambda r: r.seed)
+            if runs:
+                rows.append(Row(dataset, recipe, head, runs))
+    return rows
+
+
+def _fmt(mean: float, ci: tuple[float, float]) -> str:
+    return f"{mean:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def table(rows: list[Row], boot: Bootstrap) -> str:
+    head = ("| recipe / head | final exit | " + " | ".join(f"@ {int(round(b * 100))} %: acc. [95 % CI] "
+                                                       "(test compute; criterion)" for b in BUDGETS)
+            + " | seed SD @ 50 % | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        for crit in r.at_budget:
-            lines.append(
-                f"| {r.label} | {crit}{' (served)' if crit == r.criterion else ''} | {r.mflops:.2f} | "
-                f"{r.exit_accuracy[-1]:.3f} | "
-                + " | ".join(_cell(r.at_budget[crit][str(b)]) for b in BUDGETS) + " | "
-                + " | ".join(_best(r.best_within[crit][str(b)]) for b in BUDGETS) + f" | {r.seconds:.0f} |"
-            )
+    for row in rows:
+        full = row.correct(None)
+        assert full is not None
+        cells = [_fmt(float(full.mean()), boot.interval(boot.replicates(full)))]
+        for b in BUDGETS:
+            c = row.correct(b)
+            cells.append("—" if c is None else
+                         f"{_fmt(float(c.mean()), boot.interval(boot.replicates(c)))} "
+                         f"({row.compute(b):.2f}; {row.criteria(b)})")
+        c50 = row.correct(0.5)
+        sd = "—" if c50 is None or len(c50) < 2 else f"{float(np.std(c50.mean(axis=1), ddof=1)):.3f}"
+        secs = np.mean([r.seconds for r in row.runs])
+        name = row.label + (" (the joint/shared model)" if row.recipe in TRAINS_AS else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sd} | {secs:.0f} |")
     return "\n".join(lines)
 
 
-def dmpo_check(results: list[RunResult]) -> str:
-    """The DMPO claim, checked on these runs: DMPO at 30 % of the FLOPs against the others at 70 %."""
-    def acc(r: RunResult, b: float) -> float | None:
-        cells = [r.at_budget[c][str(b)] for c in r.at_budget]
-        vals = [c[0] for c in cells if c is not None]
-        return max(vals) if vals else None
-
-    lines = []
-    for d in (r for r in results if r.recipe == "dmpo"):
-        others = [r for r in results if r.recipe != "dmpo" and r.dataset == d.dataset]
-        a30 = acc(d, 0.3)
-        beaten = [o.label for o in others
-                  if (o70 := acc(o, 0.7)) is not None and a30 is not None and a30 >= o70 - 0.005]
-        total = sum(1 for o in others if acc(o, 0.7) is not None)
-        lines.append(f"- {d.dataset}, {d.label}: {_best(a30)} at 30 % (best criterion, validation-chosen "
-                     f"thresholds); within 0.5 points of or above {len(beaten)} of {total} other runs at 70 %"
-                     + (f" ({', '.join(beaten)})" if beaten else ""))
-    return "\n".join(lines)
+def verdict(diff: np.ndarray, margin: float) -> tuple[str, tuple[float, float]]:
+    """'holds' when the interval of (difference + margin) is above 0, 'fails' when below, else 'undecided'."""
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    if lo > -margin:
+        return "holds", (float(lo), float(hi))
+    if hi < -margin:
+        return "fails", (float(lo), float(hi))
+    return "undecided", (float(lo), float(hi))
 
 
-def plot(results: list[RunResult], img_dir: Path, dataset: str) -> Path:
-    from server.control.plots import plot_frontiers
+def claims(rows: list[Row], boot: Bootstrap) -> list[str]:
+    """The papers' claims on these rows, each with the interval it rests on."""
+    out: list[str] = []
 
-    curves = {f"{r.label} ({r.criterion})": r.curves[r.criterion] for r in results}
-    return plot_frontiers(curves, img_dir / f"recipes-{dataset}.png",
-                          title=f"{dataset}: test agreement / accuracy against compute (served criterion, "
-                                "hindsight thresholds)")
+    def line(text: str, diff: np.ndarray, margin: float) -> None:
+        v, (lo, hi) = verdict(diff, margin)
+        out.append(f"- {text}: difference {float(np.mean(diff)):+.3f} [{lo:+.3f}, {hi:+.3f}] → **{v}**")
+
+    by = {r.label: r for r in rows}
+    for d in (r for r in rows if r.recipe == "dmpo"):
+        d30 = d.correct(0.3)
+        if d30 is None:
+            out.append(f"- DMPO ({d.label}) at 30 %: no policy fits 30 % → cannot be checked")
+            continue
+        for other in (r for r in rows if r.recipe != "dmpo"):
+            o70 = other.correct(0.7)
+            if o70 is not None:
+                line(f"DMPO \"30 % of the FLOPs comparable to others at 70 %\": {d.label} @ 30 % − "
+                     f"{other.label} @ 70 % (margin {MARGIN:.2f})", boot.replicates(d30) - boot.replicates(o70), MARGIN)
+    for m in (r for r in rows if r.recipe == "mue"):
+        half, full = m.correct(0.5), m.correct(None)
+        if half is not None and full is not None:
+            line(f"MuE \"−50 % compute at 99 % of the performance\": {m.label} @ 50 % − 0.99 × its full depth "
+                 "(FLOPs, not time)", boot.replicates(half) - 0.99 * boot.replicates(full), 0.0)
+    for lg in (r for r in rows if r.recipe == "lgvit"):
+        fast, full = lg.correct(0.56), lg.correct(None)
+        if fast is not None and full is not None:
+            line(f"LGViT \"~1.8x speed-up, competitive\": {lg.label} @ 56 % − its full depth (margin {MARGIN:.2f})",
+                 boot.replicates(fast) - boot.replicates(full), MARGIN)
+    for met in (r for r in rows if r.recipe == "met"):
+        base = by.get(f"joint/{met.head}")
+        for b in BUDGETS:
+            a, j = met.correct(b), None if base is None else base.correct(b)
+            if a is not None and j is not None:
+                line(f"MET \"better accuracy and efficiency\" than plain tuning: {met.label} − joint/{met.head} "
+                     f"@ {int(round(b * 100))} %", boot.replicates(a) - boot.replicates(j), 0.0)
+    return out
+
+
+def plot(rows: list[Row], boot: Bootstrap, path: Path, title: str) -> Path:
+    from server.control.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 6))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>ph*"
+    for i, row in enumerate(rows):
+        xs, ys, errs = [], [], [[], []]
+        for b in (*BUDGETS, None):
+            c = row.correct(b)
+            if c is None:
+                continue
+            mean = float(c.mean())
+            lo, hi = boot.interval(boot.replicates(c))
+            xs.append(1.0 if b is None else row.compute(b))
+            ys.append(mean)
+            errs[0].append(mean - lo)
+            errs[1].append(hi - mean)
+        ax.errorbar(xs, ys, yerr=errs, marker=markers[i % len(markers)], color=colours[i % 20], capsize=3,
+                    label=row.label, linewidth=1)
+    ax.set_xlabel("test compute fraction (executed / full-depth FLOPs); thresholds chosen on validation")
+    ax.set_ylabel("test accuracy (mean over seeds, 95 % bootstrap CI)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(results: list[RunResult], pairs: list[tuple[str, str]], out: Path, img_dir: Path, header: str) -> str:
+    sections = []
+    rows = build_rows(results, pairs)
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        per_set = [r for r in rows if r.dataset == dataset]
+        boot = Bootstrap(per_set[0].runs[0].test_samples)
+        seeds = sorted({r.seed for row in per_set for r in row.runs})
+        png = plot(per_set, boot, img_dir / f"recipes-{dataset}.png", f"{dataset}: accuracy against compute")
+        rel = Path("img") / png.name if img_dir.resolve() == (out.parent / "img").resolve() else png
+        trained = "; ".join(sorted({", ".join(f"{k} {v}" for k, v in r.settings.items() if k != "steps")
+                                    for row in per_set for r in row.runs})) or "not recorded"
+        sections.append(f"### {dataset}\n\n{per_set[0].runs[0].test_samples} test samples, seeds {seeds}; "
+                        f"trained with {trained}.\n\n"
+                        f"![{dataset}]({rel.as_posix()})\n\n{table(per_set, boot)}\n\n"
+                        "Claims, checked on these rows:\n\n" + "\n".join(claims(per_set, boot)) + "\n")
+    return header + "\n\n" + "\n".join(sections)
 
 
 def write_markdown(path: Path, body: str) -> None:
@@ -165,63 +359,93 @@ def write_markdown(path: Path, body: str) -> None:
     path.write_text(before + BEGIN + "\n" + body.strip() + "\n" + END + after)
 
 
-def report(results: list[RunResult], out: Path, img_dir: Path, *, header: str) -> str:
-    """The Markdown between the compare markers (and the PNGs) for `results`."""
-    sections = []
-    for dataset in dict.fromkeys(r.dataset for r in results):
-        per_set = [r for r in results if r.dataset == dataset]
-        png = plot(per_set, img_dir, dataset)
-        rel = png.relative_to(out.parent) if png.is_relative_to(out.parent) else png
-        sections.append(f"### {dataset}\n\n![{dataset}]({rel.as_posix()})\n\n{table(per_set)}\n")
-    return (
-        header + " Cells: test accuracy with thresholds chosen on validation for that compute budget, and (in "
-        "brackets) the compute the test split then really used; '—': no policy fits the budget (the first exit "
-        "alone costs more). 'best @ ≤': the best test accuracy on the test frontier within the budget "
-        "(hindsight thresholds).\n\n"
-        + "\n".join(sections)
-        + "\n### The DMPO claim (at 30 % of the FLOPs it matches others at 70 %)\n\n" + dmpo_check(results) + "\n"
-    )
-
-
 def load_results(path: Path) -> list[RunResult]:
-    """Results saved by `run_compare` (docs/img/recipes.json), to redraw without retraining."""
-    return [RunResult(**{**d, "curves": {k: [tuple(p) for p in v] for k, v in d["curves"].items()}})
-            for d in json.loads(Path(path).read_text())]
+    """Runs saved by `run_compare` (one JSON object per line), to redraw without retraining."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [RunResult(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_compare(out: Path, img_dir: Path, *, grid: str = "paper", datasets: list[str] | None = None,
-                epochs: int = 20, seed: int = 0, progress: bool = True, max_steps: int | None = None,
-                variant: str = "demo") -> list[RunResult]:
-    """Train and evaluate every pair of the grid on every data set; write PNGs and the Markdown."""
-    from model_export.data import load_splits
+def header_text(results: list[RunResult], grid: str) -> str:
+    seconds = sum(r.seconds for r in results)
+    return (
+        f"Generated by `offramp compare --grid {grid}` from {len(results)} training runs ({seconds / 60:.0f} min of "
+        "training on this machine; each data set's settings in its section). **Objective: test accuracy "
+        "within each compute budget.** Per run, budget and "
+        "exit criterion, per-exit thresholds are chosen on the validation split to maximise validation "
+        "accuracy within the budget; the criterion with the best validation accuracy is kept (ties: the "
+        "recipe's own); that policy is replayed on the test split. Cells: mean test accuracy over the seeds "
+        f"[95 % paired bootstrap interval over test samples, {BOOTSTRAP} replicates], the test compute it "
+        "really used and the criteria validation chose; '—': no policy fits the budget for some seed. The "
+        "'final exit' column is full depth. Claims: 'holds' / 'fails' only where the interval of the "
+        f"difference lies wholly on one side of its margin ({MARGIN:.2f} for 'comparable' and 'competitive', "
+        "0 otherwise); else 'undecided'.")
+
+
+def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "paper",
+                datasets: list[str] | None = None, seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 20,
+                max_steps: int | None = None, train_limit: int | None = None, variant: str = "demo",
+                freeze_backbone: bool = False, progress: bool = True,
+                pairs: list[tuple[str, str]] | None = None) -> list[RunResult]:
+    """Train what is not in `results_path` yet (one JSON line per run, so an interrupted grid
+    resumes), then write the PNGs and the Markdown from every saved run of these data sets.
+    `pairs`: the (recipe, head) rows (default: the grid's)."""
     from model_export.recipes import train_recipe
 
-    datasets = datasets or ["digits", "digits-hard"]
-    started = time.perf_counter()
-    results: list[RunResult] = []
+    datasets = datasets or ["digits-hard"]
+    pairs = pairs or grid_pairs(grid)
+    done = {r.key for r in load_results(results_path)}
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     for dataset in datasets:
-        splits = load_splits(dataset)
-        per_set = []
-        for recipe, head in grid_pairs(grid):
-            run, _ = train_recipe(recipe, head, dataset=dataset, variant=variant, seed=seed, progress=False,
-                                  splits=splits, epochs=epochs, max_steps=max_steps, threads=1)
-            res = evaluate(run, splits)
-            per_set.append(res)
-            if progress:
-                print(f"{dataset} {res.label}: final {res.exit_accuracy[-1]:.3f}, "
-                      f"{res.seconds:.0f} s", flush=True)
-        results += per_set
-    body = report(results, Path(out), Path(img_dir), header=(
-        f"Generated by `offramp compare --grid {grid} --epochs {epochs}` (model `{variant}`, seed {seed}, "
-        f"{len(results)} runs, {time.perf_counter() - started:.0f} s on this machine)."))
-    write_markdown(Path(out), body)
-    (Path(img_dir) / "recipes.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+        splits = None
+        for recipe, head in training_runs(pairs):
+            for seed in seeds:
+                if (dataset, recipe, head, seed) in done or not fits(dataset, head):
+                    continue
+                if splits is None:
+                    splits = _splits(dataset, train_limit)
+                started = time.perf_counter()
+                run, _ = train_recipe(recipe, head, dataset=dataset, variant=variant, seed=seed, progress=False,
+                                      splits=splits, epochs=epochs, max_steps=max_steps, threads=1,
+                                      freeze_backbone=freeze_backbone)
+                res = evaluate(run, splits, seed)
+                res.settings = {"epochs": epochs, "max_steps": max_steps, "train_limit": train_limit,
+                                "variant": variant, "freeze_backbone": freeze_backbone,
+                                "train_samples": len(splits.train), "steps": run.result.steps}
+                with results_path.open("a") as f:
+                    f.write(json.dumps(asdict(res)) + "\n")
+                if progress:
+                    print(f"{dataset} {recipe}/{head} seed {seed}: final {res.exit_accuracy[-1]:.3f}, "
+                          f"{time.perf_counter() - started:.0f} s", flush=True)
+    results = [r for r in load_results(results_path) if r.dataset in datasets]
+    write_markdown(Path(out), report(results, pairs, Path(out), Path(img_dir), header_text(results, grid)))
     return results
 
 
-def summary(results: list[RunResult]) -> dict[str, float]:
-    """Mean final accuracy per data set (for quick looks in tests and logs)."""
-    out: dict[str, list[float]] = {}
-    for r in results:
-        out.setdefault(r.dataset, []).append(r.exit_accuracy[-1])
-    return {k: float(np.mean(v)) for k, v in out.items()}
+def fits(dataset: str, head: str) -> bool:
+    """Heads that need a patch grid (LGViT's, DMPO's) have no tokens to work on in a text model."""
+    from model_export.heads import HEADS
+    from model_export.recipes import TEXT_DATASETS
+
+    return not (dataset in TEXT_DATASETS and getattr(HEADS[head], "needs_grid", False))
+
+
+def _splits(dataset: str, train_limit: int | None) -> Any:
+    """The data set's fixed split, its training part subsampled to `train_limit` (fixed seed)."""
+    from model_export.recipes import TEXT_DATASETS
+
+    if dataset in TEXT_DATASETS:
+        from model_export.sentiment import sentiment_splits
+
+        splits = sentiment_splits()
+    else:
+        from model_export.data import load_splits
+
+        splits = load_splits(dataset, seed=0)
+    if train_limit is not None and train_limit < len(splits.train):
+        from dataclasses import replace
+
+        keep = np.sort(np.random.default_rng(0).permutation(len(splits.train))[:train_limit])
+        splits = replace(splits, train=splits.train.subset(keep))
+    return splits

@@ -300,12 +300,14 @@ def calibrate(
     target_accuracy: float | None = None,
     compute_budget: float | None = None,
     criterion: str = "max_prob",
+    budget_objective: str = "agreement",
 ) -> CalibrationResult:
     """Per-exit thresholds meeting exactly one target at the least expected compute.
 
     `target_agreement` / `target_accuracy`: least compute with agreement with the final stage's
-    label / accuracy at least the target. `compute_budget`: best agreement within that fraction of
-    full-depth FLOPs. Raises ValueError when the target cannot be met on the calibration data.
+    label / accuracy at least the target. `compute_budget`: best agreement (`budget_objective`
+    "accuracy": best accuracy) within that fraction of full-depth FLOPs. Raises ValueError when
+    the target cannot be met on the calibration data.
     """
     asked = (target_agreement, target_accuracy, compute_budget)
     given = {k: v for k, v in zip(TARGETS, asked, strict=True) if v is not None}
@@ -315,7 +317,10 @@ def calibrate(
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{target} must be in (0, 1], got {value}")
     flops = stage_flops(manifest_or_flops)
-    quality = "accuracy" if target == "target_accuracy" else "agreement"
+    if budget_objective not in ("agreement", "accuracy"):
+        raise ValueError(f"budget_objective must be agreement or accuracy, got {budget_objective!r}")
+    accuracy = target == "target_accuracy" or (target == "compute_budget" and budget_objective == "accuracy")
+    quality = "accuracy" if accuracy else "agreement"
     search = _Search(calibration, criterion, flops, quality)
     goal = _Goal(target, value, search)
 

@@ -175,7 +175,7 @@ def guaranteed(calibration: Calibration, manifest_or_flops: Manifest | Sequence[
     path: list[list[float | None]] = [full] if target == "target_accuracy" else []
     for t in np.linspace(1.0, max(0.5, value - 0.03), PATH_TARGETS):
         try:
-            thresholds = calibrate(fit, flops, criterion=criterion, **{target: float(t)}).thresholds
+            thresholds = calibrate(fit, flops, criterion=criterion, **{target: float(t)}).thresholds  # type: ignore[arg-type]
         except ValueError:  # unreachable on the fit part
             continue
         if thresholds not in path:

@@ -79,7 +79,7 @@ class PolicyControl:
                 extra = {"guarantee": certified.to_dict(),  # and the thresholds on every calibration sample:
                          "expected": simulate(calib, chosen, thresholds, manifest).to_dict()}
             else:
-                result = calibrate(calib, manifest, criterion=chosen, **{name: float(value)})
+                result = calibrate(calib, manifest, criterion=chosen, **{name: float(value)})  # type: ignore[arg-type]
                 thresholds, extra = result.thresholds, result.to_dict()
         except ValueError as err:
             raise Unprocessable(str(err)) from err
