@@ -121,6 +121,21 @@ def test_compute_budget_gives_best_agreement_within_budget() -> None:
         calibrate(calib, flops, compute_budget=0.1)  # stage 0 alone costs 1/6
 
 
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_compute_budget_can_maximise_accuracy_instead(seed: int) -> None:
+    """`offramp compare`'s objective: the best accuracy within the budget (ground truth labels),
+    never below what the agreement objective's thresholds reach, nor the best single threshold's."""
+    calib, flops = synthetic(seed), [1] * 6
+    by_accuracy = calibrate(calib, flops, compute_budget=0.5, budget_objective="accuracy")
+    by_agreement = calibrate(calib, flops, compute_budget=0.5)
+    assert by_accuracy.report.compute_fraction <= 0.5
+    assert by_accuracy.report.accuracy >= by_agreement.report.accuracy
+    assert by_accuracy.report.accuracy >= by_accuracy.global_report.accuracy
+    assert by_agreement.report.agreement >= by_accuracy.report.agreement
+    with pytest.raises(ValueError, match="budget_objective must be agreement or accuracy"):
+        calibrate(calib, flops, compute_budget=0.5, budget_objective="speed")
+
+
 def test_simulate_replays_the_engine_decisions() -> None:
     # 3 stages, 2 classes: sample 0 is sure at stage 0, sample 1 at stage 1, sample 2 never.
     logits = np.array([
