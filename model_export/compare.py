@@ -274,11 +274,15 @@ def claims(rows: list[Row], boot: Bootstrap) -> list[str]:
         if d30 is None:
             out.append(f"- DMPO ({d.label}) at 30 %: no policy fits 30 % → cannot be checked")
             continue
+        found: dict[str, list[str]] = {"holds": [], "fails": [], "undecided": []}
         for other in (r for r in rows if r.recipe != "dmpo"):
             o70 = other.correct(0.7)
             if o70 is not None:
-                line(f"DMPO \"30 % of the FLOPs comparable to others at 70 %\": {d.label} @ 30 % − "
-                     f"{other.label} @ 70 % (margin {MARGIN:.2f})", boot.replicates(d30) - boot.replicates(o70), MARGIN)
+                v, (lo, hi) = verdict(boot.replicates(d30) - boot.replicates(o70), MARGIN)
+                found[v].append(f"{other.label} [{lo:+.3f}, {hi:+.3f}]")
+        out.append(f"- DMPO \"30 % of the FLOPs comparable to others at 70 %\" ({d.label} @ 30 % − other @ 70 %, "
+                   f"margin {MARGIN:.2f}): " + "; ".join(f"**{v}** against {len(found[v])}: {', '.join(found[v])}"
+                                                         for v in found if found[v]))
     for m in (r for r in rows if r.recipe == "mue"):
         half, full = m.correct(0.5), m.correct(None)
         if half is not None and full is not None:
