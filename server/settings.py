@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     """cuDNN convolution algorithm choice on CUDA. EXHAUSTIVE (onnxruntime's own default) benchmarks
     again for every new input shape, and dynamic batching makes every batch size a new shape."""
 
+    cuda_graphs: bool = False
+    """On CUDA, replay each stage as a CUDA graph per batch bucket (1, 2, 4, ... max_batch_size), rows
+    padded to the bucket on fixed device buffers: one launch per stage instead of one per kernel.
+    Array models only (text keeps IO binding); ignored, with a warning, on CPU."""
+
     intra_op_threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads per stage session (0: onnxruntime's default, one per core).
     Spinning is always off on CPU: chained sessions that spin fight each other for the cores."""

@@ -25,12 +25,17 @@ HELPER_OPSET = 13
 HELPER_IR_VERSION = 8
 
 
-def providers_for(device: str, device_id: int = 0, conv_algo_search: str = "HEURISTIC") -> list[Any]:
+def providers_for(device: str, device_id: int = 0, conv_algo_search: str = "HEURISTIC",
+                  cuda_graph: bool = False) -> list[Any]:
+    """onnxruntime providers for `device`; `cuda_graph`: the sessions may capture CUDA graphs
+    (server/engine/graphs.py)."""
     if device == "cuda":
         # EXHAUSTIVE (onnxruntime's default) benchmarks cuDNN convolution algorithms again whenever
         # the input shape changes; with dynamic batching every batch size is a new shape, and stage 0
         # (patch embedding) then costs milliseconds instead of microseconds.
-        options = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
+        options: dict[str, Any] = {"device_id": device_id, "cudnn_conv_algo_search": conv_algo_search}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
         return [(CUDA_PROVIDER, options), CPU_PROVIDER]
     return [CPU_PROVIDER]
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from server.bundle import NUMPY_DTYPES, Bundle
-from server.engine.runtime import OrtStageRunner, StageRunner
+from server.engine.graphs import stage_runner
+from server.engine.runtime import StageRunner
 from server.engine.scheduler import ModelScheduler
 from server.errors import BadRequest, NotFound, NotReady
 from server.interface import InferResult, WindowView
@@ -62,7 +63,7 @@ class Engine:
             raise ValueError("; ".join(problems))
         self.settings = settings
         self.metrics = metrics
-        self._runner_factory: RunnerFactory = runner_factory or (lambda b, s: OrtStageRunner(b, s))
+        self._runner_factory: RunnerFactory = runner_factory or stage_runner
         self._schedulers: dict[str, ModelScheduler] = {}
         self._started = False
 

@@ -205,13 +205,13 @@ class OrtStageRunner:
     """
 
     def __init__(self, bundle: Bundle, settings: Settings, *, bind_device: str | None = None,
-                 device_id: int = 0):
+                 device_id: int = 0, cuda_graph: bool = False):
         self.bundle = bundle
         manifest = bundle.manifest
         self.num_stages = manifest.num_stages
         self.device = resolve_device(settings.device)
         options = session_options(settings)
-        providers = providers_for(self.device, device_id, settings.cuda_conv_algo_search)
+        providers = providers_for(self.device, device_id, settings.cuda_conv_algo_search, cuda_graph=cuda_graph)
         opened = [_stage_session(bundle.stage_path(i), options, providers) for i in range(self.num_stages)]
         self.sessions = [s for s, _ in opened]
         self.in_graph = [scored for _, scored in opened]
