@@ -9,6 +9,9 @@ references included, tokenizes its sentences inside the timed call, with the bun
   faster of the two is `reference`, the baseline every speed-up is divided by; for text models also
   `reference-buckets` (onnxruntime's default threads, each batch run per 16-token length bucket: what
   a plain-onnxruntime user can do against padding), and the fastest of the three is the baseline;
+- with `--cuda-graphs` (array models): `reference-graph`, reference.onnx as a CUDA graph per batch
+  size on fixed device buffers (`GraphReference`; the strongest plain-onnxruntime baseline on a
+  GPU), one of the baselines; the engine's rows then run with `cuda_graphs` too;
 - `full`: the engine in-process with `early_exit=False` (every stage);
 - `early`: the same engine with thresholds calibrated to `--target-agreement` (server.control.calibrate on
   the bundle's calibration data), one request of `batch` samples at a time;
@@ -77,6 +80,8 @@ class BenchConfig:
     http_format: str = "binary"
     http_batch: int = 1
     """Samples per HTTP request."""
+    cuda_graphs: bool = False
+    """The engine with `cuda_graphs`, and a `reference-graph` baseline (array models)."""
 
     @classmethod
     def quick(cls) -> BenchConfig:
@@ -171,7 +176,7 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
     settings = Settings(
         bundles=[bundle.root], device=cfg.device, intra_op_threads=cfg.threads, inter_op_threads=1,
         max_batch_size=max(max(cfg.batch_sizes), 32), max_queue_delay_ms=cfg.max_queue_delay_ms,
-        max_queue_size=max(1024, 2 * len(data)),
+        max_queue_size=max(1024, 2 * len(data)), cuda_graphs=cfg.cuda_graphs,
     )
     policy = ExitPolicy(cfg.criterion, tuple(thresholds), version=1)
     engine = Engine([bundle], settings, Metrics(), {bundle.name: policy})
@@ -208,6 +213,12 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
             return call
 
         calls = {name: via_reference(s) for name, s in references.items()}
+        if cfg.cuda_graphs and m.text is None:
+            graph = GraphReference(bundle.reference_path(), cfg.device, m.reference.outputs[-1])
+
+            async def via_graph(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                return graph(model_feed(m, x)).argmax(-1), np.full(len(x), last, np.int32)
+            calls["reference-graph"] = via_graph
         if m.text is not None:
             calls["reference-buckets"] = via_reference_buckets(references["reference-ort"])
         calls |= {"full": via_engine(False), "early": via_engine(True)}
@@ -227,6 +238,56 @@ async def measure_in_process(bundle, data: RequestData, cfg: BenchConfig, thresh
         return trials, full_labels
     finally:
         await engine.stop(drain=True)
+
+
+class GraphReference:
+    """reference.onnx as a CUDA graph per batch size: fixed input and output buffers on the device
+    for each batch size seen, bound by IO binding, the input written in place, the graph selected by
+    `gpu_graph_id` (captured on the size's first run). On `cpu` the same buffers and runs without
+    capture (the CPU provider has none): how the tests exercise it."""
+
+    def __init__(self, path: Path, device: str, output: str):
+        import onnxruntime as ort
+
+        from server.engine.device import providers_for
+        from server.engine.runtime import ort_session_options
+
+        self.device, self.output = device, output
+        self.session = ort.InferenceSession(str(path), ort_session_options(0),
+                                            providers=providers_for(device, cuda_graph=device == "cuda"))
+        self._buffers: dict[int, tuple[object, dict[str, object], int]] = {}
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        import onnxruntime as ort
+        from onnx import helper
+
+        (name, x), = feed.items()
+        x = np.ascontiguousarray(x)
+        found = self._buffers.get(len(x))
+        options = ort.RunOptions()
+        if found is None:
+            value = ort.OrtValue.ortvalue_from_numpy(x, self.device, 0)
+            probe = self.session.io_binding()
+            probe.bind_ortvalue_input(name, value)
+            for o in self.session.get_outputs():
+                probe.bind_output(o.name, self.device, 0)
+            options.add_run_config_entry("gpu_graph_id", "-1")  # learn the output shapes, capture nothing
+            self.session.run_with_iobinding(probe, options)
+            outs = {o.name: ort.OrtValue.ortvalue_from_numpy(
+                np.zeros(v.shape(), helper.tensor_dtype_to_np_dtype(v.element_type())), self.device, 0)
+                for o, v in zip(self.session.get_outputs(), probe.get_outputs(), strict=True)}
+            found = self._buffers[len(x)] = (value, outs, len(self._buffers))
+            options = ort.RunOptions()
+        else:
+            found[0].update_inplace(x)  # type: ignore[attr-defined]
+        value, outs, graph_id = found
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(name, value)
+        for out_name, buffer in outs.items():
+            binding.bind_ortvalue_output(out_name, buffer)
+        options.add_run_config_entry("gpu_graph_id", str(graph_id) if self.device == "cuda" else "-1")
+        self.session.run_with_iobinding(binding, options)
+        return np.array(outs[self.output].numpy(), copy=True)  # type: ignore[attr-defined]
 
 
 def model_input(bundle) -> Callable[[np.ndarray], object]:  # noqa: ANN001
@@ -390,7 +451,8 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
                             criterion=cfg.criterion)
     thresholds = list(calibration.thresholds)
     out.mkdir(parents=True, exist_ok=True)
-    total = len(cfg.batch_sizes) * cfg.repeats * (2 + len(REFERENCES) + (m.text is not None))
+    extra_refs = (m.text is not None) + (cfg.cuda_graphs and m.text is None)
+    total = len(cfg.batch_sizes) * cfg.repeats * (2 + len(REFERENCES) + extra_refs)
     total += len(cfg.concurrency) * cfg.repeats * 3 if cfg.http else 0
     with tqdm(total=total, desc=f"bench {m.name}", unit="trial", disable=not progress) as bar:
         trials, full_labels = asyncio.run(measure_in_process(bundle, data, cfg, thresholds, bar))
@@ -437,6 +499,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "sentences)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="execution provider (default cpu)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="the engine with cuda_graphs and a reference-graph baseline (CUDA graphs on cuda)")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -449,6 +513,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     cfg.http = not args.no_http
+    cfg.cuda_graphs = bool(getattr(args, "cuda_graphs", False))
     return cfg
 
 

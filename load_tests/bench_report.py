@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-IN_PROCESS = ("reference-1t", "reference-ort", "reference-buckets", "full", "early")
+IN_PROCESS = ("reference-1t", "reference-ort", "reference-buckets", "reference-graph", "full", "early")
 HTTP = ("http-reference", "http-full", "http-early")
-REFERENCE_ROWS = ("reference-1t", "reference-ort", "reference-buckets")
+REFERENCE_ROWS = ("reference-1t", "reference-ort", "reference-buckets", "reference-graph")
 """`reference-buckets` (text models only): onnxruntime's default threads, each batch run as one run per
 16-token length bucket, the best a plain-onnxruntime user can do with a batch of sentences."""
 

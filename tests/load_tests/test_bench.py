@@ -201,3 +201,36 @@ def test_run_time_parsing() -> None:
     assert parse_duration("45") == 45
     with pytest.raises(ValueError):
         parse_duration("soon")
+
+
+def test_graph_reference_reuses_its_buffers_and_answers_as_onnxruntime(tiny_bundle: Path) -> None:
+    """reference-graph on the CPU provider: the fixed buffers per batch size, written in place
+    (the CUDA capture itself is owed to a GPU run)."""
+    import onnxruntime as ort
+
+    from load_tests.bench import GraphReference
+    from server.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle)
+    out = bundle.manifest.reference.outputs[-1]  # type: ignore[union-attr]
+    graph = GraphReference(bundle.reference_path(), "cpu", out)  # type: ignore[arg-type]
+    plain = ort.InferenceSession(str(bundle.reference_path()), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 5, 3, 5):
+        x = rng.uniform(0, 16, (n, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(graph({"pixels": x}), plain.run([out], {"pixels": x})[0], rtol=1e-5, atol=1e-6)
+    assert sorted(graph._buffers) == [1, 3, 5]  # one set of buffers per batch size, reused
+
+
+def test_bench_with_cuda_graphs_has_a_graph_reference_among_the_baselines(tiny_bundle: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from load_tests.bench import BenchConfig, run_bench
+    from load_tests.data import digits_test_split
+
+    test = digits_test_split()
+    cfg = BenchConfig.quick()
+    cfg.cuda_graphs, cfg.http = True, False  # on CPU: the engine warns and runs without graphs
+    report = run_bench(tiny_bundle, tmp_path, cfg, data=RequestData(test.x[:16], test.y[:16]), progress=False)
+    rows = {(r["config"], r["batch"]) for r in report["results"]}
+    assert {("reference-graph", b) for b in cfg.batch_sizes} <= rows
+    assert all(r["baseline"] in ("reference-1t", "reference-ort", "reference-graph") for r in report["results"])
