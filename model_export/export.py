@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model_export.data import HARD_PREPROCESSING, PREPROCESSING
 from model_export.protocol import MultiExitModel, check_model, next_stage_inputs
 from model_export.text import SENTIMENT_PREPROCESSING
+from model_export.vision import mnist_preprocessing
 from server.bundle import (
     CALIBRATION,
     FORMAT_VERSION,
@@ -106,7 +107,10 @@ EXPORT_CONFIGS: dict[str, OnnxExportConfig] = {
                                      preprocessing=SENTIMENT_PREPROCESSING, check_batch_sizes=(1, 5, 37),
                                      extra_padding=3),
 }
-DATASET_EXPORT_CONFIGS = {"digits": "vit-digits", "digits-hard": "vit-digits-hard", "rotten-tomatoes": "encoder-text"}
+EXPORT_CONFIGS["dinov2-mnist"] = OnnxExportConfig(family="dinov2", input_name="pixels",
+                                                  preprocessing=mnist_preprocessing())
+DATASET_EXPORT_CONFIGS = {"digits": "vit-digits", "digits-hard": "vit-digits-hard", "rotten-tomatoes": "encoder-text",
+                          "mnist": "dinov2-mnist"}
 
 
 def stage_file(i: int) -> str:
