@@ -11,9 +11,9 @@ Protocol (stated again in the generated header):
   is never looked at to choose anything.
 - **Seeds**: every (recipe, head) trains with several seeds (the data split is fixed); a cell is the
   mean over seeds of the test accuracy.
-- **Intervals**: 95 % paired bootstrap over test samples (`BOOTSTRAP` replicates, the same
-  resampled indices for every method and seed of a data set, so differences are paired); the
-  across-seed standard deviation is reported beside. A claim is called only where the interval of
+- **Intervals**: 95 % paired bootstrap over test samples and seeds (`BOOTSTRAP` replicates; the
+  same resampled test indices and seed draws for every row of a data set, so differences are
+  paired); the across-seed standard deviation is reported beside. A claim is called only where the interval of
   the difference it is about lies wholly on one side of its margin.
 - **No duplicated runs**: MuE trains exactly as `joint` does (every exit's loss, one shared
   classifier), so its row is the `joint/shared` model served with the `similarity` exit (MuE's own
@@ -38,6 +38,7 @@ BUDGETS = (0.3, 0.5, 0.56, 0.7)  # 0.56 = 1 / 1.8: LGViT's "~1.8x speed-up"
 BOOTSTRAP = 2000
 MARGIN = 0.01  # non-inferiority margin: "comparable" / "competitive" = within 1 point
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+TRAINING_KEYS = ("epochs", "max_steps", "train_limit", "variant", "freeze_backbone")
 TRAINS_AS = {"mue": "joint"}  # recipe -> the recipe whose training it is (same loss, same head)
 SERVED_WITH = {"mue": ("similarity",)}  # a row restricted to its paper's exit signal
 
@@ -72,8 +73,10 @@ class RunResult:
     """How it was trained (epochs, max_steps, train_limit, variant, freeze_backbone, train samples)."""
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.dataset, self.recipe, self.head, self.seed)
+    def key(self) -> tuple[Any, ...]:
+        """What a rerun must match to reuse this run: the row, the seed and how it was trained."""
+        trained = tuple(self.settings.get(k) for k in TRAINING_KEYS)
+        return (self.dataset, self.recipe, self.head, self.seed, trained)
 
 
 def grid_pairs(grid: str) -> list[tuple[str, str]]:
@@ -198,14 +201,21 @@ class Row:
 
 
 class Bootstrap:
-    """Paired bootstrap over the test samples of one data set."""
+    """Paired bootstrap over the test samples *and* the seeds of one data set: each replicate draws
+    test samples and seeds with replacement, the same draws for every row (rows are paired by test
+    sample and by seed number), so an interval covers both the test set's and the training's
+    variation."""
 
     def __init__(self, n: int, replicates: int = BOOTSTRAP, seed: int = 0):
+        self.seed = seed
         self.idx = np.random.default_rng(seed).integers(0, n, (replicates, n))
 
     def replicates(self, correct: np.ndarray) -> np.ndarray:
-        per_sample = correct.mean(axis=0)  # mean over seeds
-        return per_sample[self.idx].mean(axis=1)
+        """[replicates] accuracies of a [seeds, n] correctness matrix."""
+        per_seed = correct[:, self.idx].mean(axis=2)  # [seeds, replicates]
+        k = per_seed.shape[0]  # the seed draws depend on the seed count only: rows are paired
+        pick = np.random.default_rng([self.seed, k]).integers(0, k, (len(self.idx), k))
+        return per_seed[pick, np.arange(len(self.idx))[:, None]].mean(axis=1)
 
     def interval(self, values: np.ndarray) -> tuple[float, float]:
         lo, hi = np.percentile(values, [2.5, 97.5])
@@ -368,7 +378,17 @@ def load_results(path: Path) -> list[RunResult]:
     path = Path(path)
     if not path.exists():
         return []
-    return [RunResult(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    runs: dict[tuple[Any, ...], RunResult] = {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
+            run = RunResult(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            if i == len(lines) - 1:  # the line an interruption cut short: that run trains again
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not a saved run") from None
+        runs[run.key] = run  # a run saved twice counts once (the later)
+    return list(runs.values())
 
 
 def header_text(results: list[RunResult], grid: str) -> str:
@@ -381,7 +401,9 @@ def header_text(results: list[RunResult], grid: str) -> str:
         "accuracy within the budget; the criterion with the best validation accuracy is kept (ties: the "
         "recipe's own); that policy is replayed on the test split. Cells: mean test accuracy over the seeds "
         f"[95 % paired bootstrap interval over test samples, {BOOTSTRAP} replicates], the test compute it "
-        "really used and the criteria validation chose; '—': no policy fits the budget for some seed. The "
+        "really used and the criteria validation chose; '—': no policy fits the budget for some seed. "
+        "The intervals resample the seeds too, so they cover the training's variation as well as the test "
+        "set's; no correction for the number of comparisons. The "
         "'final exit' column is full depth. Claims: 'holds' / 'fails' only where the interval of the "
         f"difference lies wholly on one side of its margin ({MARGIN:.2f} for 'comparable' and 'competitive', "
         "0 otherwise); else 'undecided'.")
@@ -400,12 +422,13 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
     datasets = datasets or ["digits-hard"]
     pairs = pairs or grid_pairs(grid)
     done = {r.key for r in load_results(results_path)}
+    trained = (epochs, max_steps, train_limit, variant, freeze_backbone)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for dataset in datasets:
         splits = None
         for recipe, head in training_runs(pairs):
             for seed in seeds:
-                if (dataset, recipe, head, seed) in done or not fits(dataset, head):
+                if (dataset, recipe, head, seed, trained) in done or not fits(dataset, head):
                     continue
                 if splits is None:
                     splits = _splits(dataset, train_limit)
@@ -423,6 +446,9 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
                     print(f"{dataset} {recipe}/{head} seed {seed}: final {res.exit_accuracy[-1]:.3f}, "
                           f"{time.perf_counter() - started:.0f} s", flush=True)
     results = [r for r in load_results(results_path) if r.dataset in datasets]
+    if len({r.key[:4] for r in results}) != len(results):
+        raise ValueError(f"{results_path}: some rows and seeds were trained with different settings; "
+                         "keep one setting per data set in one results file")
     write_markdown(Path(out), report(results, pairs, Path(out), Path(img_dir), header_text(results, grid)))
     return results
 

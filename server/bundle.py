@@ -120,8 +120,8 @@ class ConformalSpec(_Strict):
     """Conformal prediction sets (server/conformal.py): the coverage each exit's sets promise."""
 
     coverage: float = Field(gt=0, lt=1, description="1 - alpha: the sets hold the true label this often.")
-    min_exit_samples: int = Field(20, ge=1, description="Fewer calibration samples exiting at a stage: "
-                                  "that stage's quantile comes from all samples' scores there.")
+    min_exit_samples: int = Field(20, ge=1, description="At most this many calibration samples exiting at a "
+                                  "stage: that stage's quantile comes from all samples' scores there.")
 
 
 class Manifest(_Strict):

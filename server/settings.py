@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     again for every new input shape, and dynamic batching makes every batch size a new shape."""
 
     cuda_graphs: bool = False
-    """On CUDA, replay each stage as a CUDA graph per batch bucket (1, 2, 4, ... max_batch_size), rows
-    padded to the bucket on fixed device buffers: one launch per stage instead of one per kernel.
-    Array models only (text keeps IO binding); ignored, with a warning, on CPU."""
+    """On CUDA, replay each stage as a CUDA graph per batch bucket (1, 2, 4, ... up to max_batch_size
+    rounded up to a power of two), rows padded to the bucket on fixed device buffers (held per stage
+    and bucket), all captured at start: one launch per stage instead of one per kernel. Array models
+    only (text keeps IO binding); ignored, with a warning, on CPU."""
 
     intra_op_threads: int = Field(0, ge=0)
     """onnxruntime intra-op threads per stage session (0: onnxruntime's default, one per core).

@@ -30,6 +30,9 @@ PRIMITIVES: dict[str, dict[str, Any]] = {
     "bool": {"type": "boolean"}, "object": {}, "datetime": {"type": "string"}, "date": {"type": "string"},
 }
 ALIASES = {"ResourceQuantity": "io.k8s.apimachinery.pkg.api.resource.Quantity"}
+# Required in KServe's Go types (`json:"name"`, no omitempty) where the generated Python setters do
+# not refuse None, so the AST cannot see it: named here (kserve 0.21.0 pkg/apis/serving).
+REQUIRED = {"V1beta1ModelFormat": {"name"}, "V1alpha1SupportedModelFormat": {"name"}}
 _K8S_NAME = re.compile(r"^(V\d+(?:alpha\d+|beta\d+)?)([A-Z]\w*)$")
 
 
@@ -77,7 +80,7 @@ def kserve_models() -> dict[str, _Model]:
         for cls in tree.body:
             if isinstance(cls, ast.ClassDef):
                 types, names = _literal(cls, "openapi_types"), _literal(cls, "attribute_map")
-                models[cls.name] = _Model(types, names, _required(cls))
+                models[cls.name] = _Model(types, names, _required(cls) | REQUIRED.get(cls.name, set()))
     return models
 
 

@@ -80,10 +80,15 @@ def test_the_schema_refuses_what_the_api_server_would(mutate: Any, where: str) -
 
 
 @needs_kserve
-def test_an_inference_service_without_a_model_format_is_refused() -> None:
+@pytest.mark.parametrize("path, field", [(["spec", "predictor", "model"], "modelFormat"),
+                                         (["spec", "predictor", "model", "modelFormat"], "name")])
+def test_an_inference_service_missing_a_required_field_is_refused(path: list[str], field: str) -> None:
     bad = copy.deepcopy(doc("inferenceservice.yaml"))
-    del bad["spec"]["predictor"]["model"]["modelFormat"]
-    with pytest.raises(jsonschema.ValidationError, match="'modelFormat' is a required property"):
+    node = bad
+    for key in path:
+        node = node[key]
+    del node[field]
+    with pytest.raises(jsonschema.ValidationError, match=f"'{field}' is a required property"):
         kserve_schema.validate(bad)
 
 
@@ -118,8 +123,11 @@ def test_inference_services_select_the_runtime_and_its_ports() -> None:
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", isvc["metadata"]["name"])
         notes = isvc["metadata"]["annotations"]
         assert notes["prometheus.io/port"] == str(settings.port) and notes["prometheus.io/path"] == "/metrics"
-    grpc_ports = doc("inferenceservice-grpc.yaml")["spec"]["predictor"]["model"]["ports"]
-    assert grpc_ports == [{"name": "h2c", "containerPort": settings.grpc_port, "protocol": "TCP"}]
+    grpc_model = doc("inferenceservice-grpc.yaml")["spec"]["predictor"]["model"]
+    assert grpc_model["ports"] == [{"name": "h2c", "containerPort": settings.grpc_port, "protocol": "TCP"}]
+    # Knative probes only the one port it routes: the gRPC service's probes are on the h2c port.
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert grpc_model[probe]["tcpSocket"] == {"port": settings.grpc_port}, probe
     assert runtime["spec"]["annotations"]["prometheus.kserve.io/port"] == str(settings.port)
 
 

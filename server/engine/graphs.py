@@ -8,7 +8,8 @@ shapes and fixed buffer addresses, so this runner keeps, for each stage and each
 
 - preallocated device buffers for the stage's input and every output, bound once per run by IO
   binding (a graph replays into the same addresses);
-- its own graph, selected with the run option `gpu_graph_id` (captured on the bucket's first run);
+- its own graph, selected with the run option `gpu_graph_id`, captured when the runner is built
+  (two runs on zeros per stage and bucket: onnxruntime runs a graph id once plainly, then captures);
 - rows padded to the bucket: stage 0's host input is copied into its buffer with zeros after the
   real rows (`OrtValue.update_inplace`), a later stage's device input is written into its buffer
   by a tiny Pad graph (its output bound to the buffer). The padding rows are computed and dropped;
@@ -26,6 +27,7 @@ capture itself, which only the CUDA provider does.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from server.bundle import HIDDEN, Bundle
+from server.bundle import HIDDEN, NUMPY_DTYPES, Bundle
 from server.engine.device import HELPER_IR_VERSION, HELPER_OPSET, OrtValueOps, providers_for
 from server.engine.runtime import OrtStageRunner, StageOutputs, resolve_device, session_options
 from server.settings import Settings
@@ -74,8 +76,18 @@ def first_rows_model(elem: int, rank: int) -> onnx.ModelProto:
     return _helper("offramp_first_rows", nodes, [data, ends], rank, elem)
 
 
+CAPTURE_LOCK = threading.Lock()  # captures run one at a time, whichever model's (CUDA's capture is global)
+
+
 class GraphStageRunner(OrtStageRunner):
-    """`OrtStageRunner` whose array stages run as CUDA graphs per (stage, bucket) on fixed buffers."""
+    """`OrtStageRunner` whose array stages run as CUDA graphs per (stage, bucket) on fixed buffers.
+
+    Every (stage, bucket) runs twice on zeros when the runner is built (onnxruntime runs a graph id
+    once plainly, then captures it), so a capture that fails fails at start, where `stage_runner`
+    falls back, and no request pays for one. `thread_bound`: the scheduler never runs it on the
+    caller's thread (onnxruntime's CUDA graphs belong to the thread that captured them)."""
+
+    thread_bound = True
 
     def __init__(self, bundle: Bundle, settings: Settings, *, bind_device: str | None = None,
                  device_id: int = 0):
@@ -89,6 +101,23 @@ class GraphStageRunner(OrtStageRunner):
         self._providers = providers_for(self.ops.device_type, device_id)  # helpers: no graphs, any shape
         self._pad: dict[tuple[int, int], ort.InferenceSession] = {}  # (element type, rank) -> session
         self._first: dict[tuple[int, int], ort.InferenceSession] = {}
+        self._warm_up(bundle)
+
+    def _warm_up(self, bundle: Bundle) -> None:
+        """Allocate, run and capture every (stage, bucket) now: a chain of zero batches per bucket."""
+        spec = bundle.manifest.input
+        with CAPTURE_LOCK:
+            for bucket in self.buckets:
+                for _ in range(2):
+                    x: Any = np.zeros([bucket, *spec.shape[1:]], NUMPY_DTYPES[spec.dtype])
+                    for stage in range(self.num_stages):
+                        x = self._run_graph(stage, x, bucket).hidden
+
+    def close(self) -> None:
+        self._buffers.clear()
+        self._pad.clear()
+        self._first.clear()
+        super().close()
 
     def _session(self, cache: dict[tuple[int, int], ort.InferenceSession], key: tuple[int, int],
                  build: Any) -> ort.InferenceSession:

@@ -159,8 +159,9 @@ class ModelScheduler:
             raise
 
     def _may_run_direct(self, n: int) -> bool:
-        """Cheap pre-check, no lock: a small request, no shadow sampling, a model measured to be fast."""
-        if n > min(DIRECT_MAX_ROWS, self.settings.max_batch_size) or self.window.enabled or self._load:
+        """Cheap pre-check, no lock: small request, no shadow sampling, fast model, runner not thread-bound."""
+        if (n > min(DIRECT_MAX_ROWS, self.settings.max_batch_size) or self.window.enabled or self._load
+                or getattr(self.runner, "thread_bound", False)):
             return False
         expected = self._costs.full_depth()
         return expected is not None and expected * 1000.0 <= self.settings.inline_budget_ms

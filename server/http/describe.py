@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from server import __version__
 from server.bundle import Bundle, Manifest
-from server.conformal import prediction_sets
-from server.errors import BadRequest
+from server.conformal import policy_quantiles, sets_from
+from server.errors import BadRequest, OfframpError
 from server.http import text_codec
 from server.interface import InferResult, ServingEngine
 
@@ -51,21 +53,29 @@ def model_metadata(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def wants_sets(manifest: Manifest, outputs: list[str]) -> bool:
-    """Whether the request asks for prediction sets; BadRequest, before any inference, when the model
-    has none to give."""
-    if PREDICTION_SET not in outputs:
-        return False
-    if manifest.conformal is None:
-        raise BadRequest(f"output {PREDICTION_SET!r}: model {manifest.name!r} has no conformal calibration "
-                         "(export it with a conformal coverage)")
-    return True
-
-
-def with_sets(engine: ServingEngine, model: str, bundle: Bundle, result: InferResult,
-              early_exit: bool) -> InferResult:
-    """The answer with its prediction sets, from the quantiles of the live policy (of full depth
-    for `early_exit` false). During a policy swap a request may get the new policy's quantiles."""
-    policy = engine.policy(model) if early_exit else None
-    sets = prediction_sets(bundle, policy, result.probabilities, result.exit_stage)
+async def infer(engine: ServingEngine, model: str, bundle: Bundle, x: Any, *, early_exit: bool,
+                outputs: list[str], direct: bool) -> InferResult:
+    """The engine's answer, with its prediction sets when `outputs` asks for them (REST and gRPC)."""
+    quantiles = set_quantiles(engine, model, bundle, outputs, early_exit)
+    result = await engine.infer(model, x, early_exit=early_exit, direct=direct)
+    if quantiles is None:
+        return result
+    sets = sets_from(result.probabilities, result.exit_stage, quantiles)
     return InferResult(result.labels, result.probabilities, result.exit_stage, sets)
+
+
+def set_quantiles(engine: ServingEngine, model: str, bundle: Bundle, outputs: list[str],
+                  early_exit: bool) -> np.ndarray | None:
+    """The exit quantiles of the live policy (of full depth for `early_exit` false) when the request
+    asks for prediction sets, before any inference: a model without conformal calibration is a 400,
+    a live policy its calibration data cannot replay a 409. (A policy swapped while the request runs
+    may have answered it; its sets use the quantiles of the policy read here.)"""
+    if PREDICTION_SET not in outputs:
+        return None
+    if bundle.manifest.conformal is None:
+        raise BadRequest(f"output {PREDICTION_SET!r}: model {bundle.name!r} has no conformal calibration "
+                         "(export it with a conformal coverage)")
+    try:
+        return policy_quantiles(bundle, engine.policy(model) if early_exit else None)
+    except ValueError as err:
+        raise OfframpError(f"output {PREDICTION_SET!r}: {err}", 409) from None

@@ -41,7 +41,7 @@ def status_code(err: OfframpError) -> grpc.StatusCode:
     if isinstance(err, Overloaded) or err.status_code == 413:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-            408: grpc.StatusCode.DEADLINE_EXCEEDED, 503: grpc.StatusCode.UNAVAILABLE,
+            408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.FAILED_PRECONDITION, 503: grpc.StatusCode.UNAVAILABLE,
             504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(err.status_code, grpc.StatusCode.INTERNAL)
 
 
@@ -100,10 +100,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 raise OfframpError("the server is shutting down: retry on another replica", 503)
             bundle = self._bundle(model, request.model_version)
             x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
-            sets = describe.wants_sets(bundle.manifest, wanted)
-            result = await self.engine.infer(model, x, early_exit=early_exit, direct=self.state.in_progress == 1)
-            if sets:
-                result = describe.with_sets(self.engine, model, bundle, result, early_exit)
+            result = await describe.infer(self.engine, model, bundle, x, early_exit=early_exit, outputs=wanted,
+                                          direct=self.state.in_progress == 1)
             response = encode(bundle.manifest, request.id, result, wanted)
         except OfframpError as err:
             metrics.request_done(label, outcome(err.status_code))

@@ -170,10 +170,8 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
             len(raw), codec.decode_request, raw, header_length, bundle,
             max_samples=settings.max_samples_per_request,
         )
-        sets = describe.wants_sets(bundle.manifest, [o.name for o in req.outputs])
-        result = await engine.infer(model, req.x, early_exit=req.early_exit, direct=state.in_progress == 1)
-        if sets:
-            result = describe.with_sets(engine, model, bundle, result, req.early_exit)
+        result = await describe.infer(engine, model, bundle, req.x, early_exit=req.early_exit,
+                                      outputs=[o.name for o in req.outputs], direct=state.in_progress == 1)
         content, headers = await _maybe_offloaded(
             len(req.x) * bundle.manifest.num_classes * JSON_BYTES_PER_FLOAT,
             codec.encode_infer_response, bundle.manifest, req, result,

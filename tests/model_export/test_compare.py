@@ -97,3 +97,31 @@ def test_compare_trains_once_per_training_resumes_and_writes_the_report(tmp_path
     assert "![digits](" in text
     compare.run_compare(out, img, results, **kw)  # type: ignore[arg-type]  # resumes: nothing new to train
     assert results.read_text().splitlines() == lines
+
+
+def test_intervals_cover_the_seeds_variation_too() -> None:
+    """Two rows with the same mean: one whose seeds agree, one whose seeds differ widely. Resampling
+    the seeds makes the second one's interval wider; the pairing still cancels identical rows."""
+    rng = np.random.default_rng(3)
+    n = 300
+    boot = Bootstrap(n, replicates=1000)
+    base = rng.random(n) < 0.7
+    steady = np.stack([base, base, base])
+    shaky = np.stack([rng.random(n) < 0.5, rng.random(n) < 0.7, rng.random(n) < 0.9])
+    width = {name: np.subtract(*boot.interval(boot.replicates(c))[::-1]) for name, c in
+             (("steady", steady), ("shaky", shaky))}
+    assert width["shaky"] > 1.5 * width["steady"]
+    assert np.allclose(boot.replicates(shaky) - boot.replicates(shaky.copy()), 0.0)
+
+
+def test_results_load_the_last_of_a_duplicate_and_skip_a_cut_last_line(tmp_path: Path) -> None:
+    a, b = run({"max_prob": {0.5: (0.8, np.ones(5, bool))}}), run({"max_prob": {0.5: (0.9, np.zeros(5, bool))}})
+    path = tmp_path / "runs.jsonl"
+    from dataclasses import asdict
+
+    path.write_text(json.dumps(asdict(a)) + "\n" + json.dumps(asdict(b)) + "\n" + '{"dataset": "d", "rec')
+    loaded = compare.load_results(path)
+    assert len(loaded) == 1 and loaded[0].cells["max_prob"]["0.5"]["val"] == 0.9  # type: ignore[index]
+    path.write_text('{"broken\n' + json.dumps(asdict(a)) + "\n")
+    with pytest.raises(ValueError, match="line 1 is not a saved run"):
+        compare.load_results(path)

@@ -191,3 +191,30 @@ def test_a_model_without_conformal_calibration_refuses_the_output(tiny_bundle: P
         assert httpx.get(f"{proc.url}/v2/health/ready").status_code == 200
     finally:
         proc.stop()
+
+
+def test_a_policy_the_calibration_data_cannot_replay_is_a_409_before_inference(conformal_bundle: Path) -> None:
+    """A live policy is checked against the stages, not the calibration data: a criterion whose array
+    the calibration data lacks cannot give sets; the request says so instead of failing with a 500."""
+    import asyncio
+
+    from server.errors import OfframpError
+    from server.http.describe import infer
+    from server.policy import ExitPolicy
+    from tests.fakes import FakeEngine
+
+    bundle = load_bundle(conformal_bundle)
+    calib = bundle.calibration()
+    stripped = Calibration(labels=calib.labels, logits=calib.logits)  # no similarity array
+    engine = FakeEngine()
+    engine.policy = lambda model: ExitPolicy("similarity", (0.9,) * (bundle.manifest.num_stages - 1), 1)  # type: ignore[method-assign]
+    called = []
+
+    async def never(*args: object, **kw: object) -> None:
+        called.append(args)
+
+    engine.infer = never  # type: ignore[method-assign]
+    bundle.calibration = lambda: stripped  # type: ignore[method-assign]
+    with pytest.raises(OfframpError) as err:
+        asyncio.run(infer(engine, MODEL, bundle, digits(2), early_exit=True, outputs=["prediction_set"], direct=True))
+    assert err.value.status_code == 409 and "no 'similarity'" in str(err.value) and not called
