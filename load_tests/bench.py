@@ -259,25 +259,16 @@ class GraphReference:
 
     def __call__(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         import onnxruntime as ort
-        from onnx import helper
+
+        from server.engine.graphs import graph_run, output_buffers
 
         (name, x), = feed.items()
         x = np.ascontiguousarray(x)
         found = self._buffers.get(len(x))
-        options = ort.RunOptions()
         if found is None:
             value = ort.OrtValue.ortvalue_from_numpy(x, self.device, 0)
-            probe = self.session.io_binding()
-            probe.bind_ortvalue_input(name, value)
-            for o in self.session.get_outputs():
-                probe.bind_output(o.name, self.device, 0)
-            options.add_run_config_entry("gpu_graph_id", "-1")  # learn the output shapes, capture nothing
-            self.session.run_with_iobinding(probe, options)
-            outs = {o.name: ort.OrtValue.ortvalue_from_numpy(
-                np.zeros(v.shape(), helper.tensor_dtype_to_np_dtype(v.element_type())), self.device, 0)
-                for o, v in zip(self.session.get_outputs(), probe.get_outputs(), strict=True)}
+            outs = output_buffers(self.session, name, value, self.device, 0)
             found = self._buffers[len(x)] = (value, outs, len(self._buffers))
-            options = ort.RunOptions()
         else:
             found[0].update_inplace(x)  # type: ignore[attr-defined]
         value, outs, graph_id = found
@@ -285,8 +276,7 @@ class GraphReference:
         binding.bind_ortvalue_input(name, value)
         for out_name, buffer in outs.items():
             binding.bind_ortvalue_output(out_name, buffer)
-        options.add_run_config_entry("gpu_graph_id", str(graph_id) if self.device == "cuda" else "-1")
-        self.session.run_with_iobinding(binding, options)
+        self.session.run_with_iobinding(binding, graph_run(graph_id if self.device == "cuda" else -1))
         return np.array(outs[self.output].numpy(), copy=True)  # type: ignore[attr-defined]
 
 

@@ -76,6 +76,27 @@ def first_rows_model(elem: int, rank: int) -> onnx.ModelProto:
     return _helper("offramp_first_rows", nodes, [data, ends], rank, elem)
 
 
+def graph_run(graph_id: int) -> ort.RunOptions:
+    """Run options selecting CUDA graph `graph_id` (-1: a plain run, nothing captured or replayed)."""
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return options
+
+
+def output_buffers(sess: ort.InferenceSession, name: str, value: ort.OrtValue, device_type: str,
+                   device_id: int) -> dict[str, ort.OrtValue]:
+    """A zero buffer on the device for every output of `sess` with `value` as its input `name`: one
+    plain run tells their shapes (fixed buffers for a CUDA graph's replays)."""
+    probe = sess.io_binding()
+    probe.bind_ortvalue_input(name, value)
+    for o in sess.get_outputs():
+        probe.bind_output(o.name, device_type, device_id)
+    sess.run_with_iobinding(probe, graph_run(-1))
+    return {o.name: ort.OrtValue.ortvalue_from_numpy(
+                np.zeros(v.shape(), helper.tensor_dtype_to_np_dtype(v.element_type())), device_type, device_id)
+            for o, v in zip(sess.get_outputs(), probe.get_outputs(), strict=True)}
+
+
 CAPTURE_LOCK = threading.Lock()  # captures run one at a time, whichever model's (CUDA's capture is global)
 
 
@@ -161,17 +182,9 @@ class GraphStageRunner(OrtStageRunner):
             sess = self.sessions[stage]
             shape = list(x.shape) if isinstance(x, np.ndarray) else list(x.shape())
             dtype = x.dtype if isinstance(x, np.ndarray) else helper.tensor_dtype_to_np_dtype(x.element_type())
-            bufs = {self._inputs[stage]: ops.to_device(np.zeros([bucket, *shape[1:]], dtype))}
-            probe = sess.io_binding()  # one plain run at the bucket's shape tells every output's shape
-            probe.bind_ortvalue_input(self._inputs[stage], bufs[self._inputs[stage]])
-            for o in sess.get_outputs():
-                probe.bind_output(o.name, ops.device_type, ops.device_id)
-            run_options = ort.RunOptions()
-            run_options.add_run_config_entry("gpu_graph_id", "-1")  # not a capture
-            sess.run_with_iobinding(probe, run_options)
-            for o, value in zip(sess.get_outputs(), probe.get_outputs(), strict=True):
-                dtype = helper.tensor_dtype_to_np_dtype(value.element_type())
-                bufs[o.name] = ops.to_device(np.zeros(value.shape(), dtype))
+            name = self._inputs[stage]
+            value = ops.to_device(np.zeros([bucket, *shape[1:]], dtype))
+            bufs = {name: value, **output_buffers(sess, name, value, ops.device_type, ops.device_id)}
             self._buffers[key] = bufs
         return bufs
 
@@ -214,9 +227,7 @@ class GraphStageRunner(OrtStageRunner):
         wanted = ([HIDDEN] if stage < self.num_stages - 1 else []) + self._small[stage]
         for o in sess.get_outputs():  # every output bound to its buffer: a graph writes them all
             binding.bind_ortvalue_output(o.name, bufs[o.name])
-        run_options = ort.RunOptions()
-        run_options.add_run_config_entry("gpu_graph_id", str(self.buckets.index(bucket) if self.capture else -1))
-        sess.run_with_iobinding(binding, run_options)
+        sess.run_with_iobinding(binding, graph_run(self.buckets.index(bucket) if self.capture else -1))
         values: dict[str, Any] = {}
         for name in wanted:
             if name == HIDDEN:

@@ -40,9 +40,10 @@ TYPED = {"FP32": "fp32_contents", "FP16": None, "INT64": "int64_contents", "INT3
 def status_code(err: OfframpError) -> grpc.StatusCode:
     if isinstance(err, Overloaded) or err.status_code == 413:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-            408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.FAILED_PRECONDITION, 503: grpc.StatusCode.UNAVAILABLE,
-            504: grpc.StatusCode.DEADLINE_EXCEEDED}.get(err.status_code, grpc.StatusCode.INTERNAL)
+    codes = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+             408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.FAILED_PRECONDITION,
+             503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
+    return codes.get(err.status_code, grpc.StatusCode.INTERNAL)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
