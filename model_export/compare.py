@@ -290,7 +290,8 @@ def claims(rows: list[Row], boot: Bootstrap) -> list[str]:
             if o70 is not None:
                 v, (lo, hi) = verdict(boot.replicates(d30) - boot.replicates(o70), MARGIN)
                 found[v].append(f"{other.label} [{lo:+.3f}, {hi:+.3f}]")
-        out.append(f"- DMPO \"30 % of the FLOPs comparable to others at 70 %\" ({d.label} @ 30 % − other @ 70 %, "
+        out.append(f"- DMPO \"30 % of the FLOPs comparable to others at 70 %\" (our reading of the abstract, no public "
+                   f"code; {d.label} @ 30 % − other @ 70 %, "
                    f"margin {MARGIN:.2f}): " + "; ".join(f"**{v}** against {len(found[v])}: {', '.join(found[v])}"
                                                          for v in found if found[v]))
     for m in (r for r in rows if r.recipe == "mue"):
@@ -308,7 +309,8 @@ def claims(rows: list[Row], boot: Bootstrap) -> list[str]:
         for b in BUDGETS:
             a, j = met.correct(b), None if base is None else base.correct(b)
             if a is not None and j is not None:
-                line(f"MET \"better accuracy and efficiency\" than plain tuning: {met.label} − joint/{met.head} "
+                line(f"MET \"better accuracy and efficiency\" than plain tuning (our reading of the abstract, "
+                     f"no public code): {met.label} − joint/{met.head} "
                      f"@ {int(round(b * 100))} %", boot.replicates(a) - boot.replicates(j), 0.0)
     return out
 

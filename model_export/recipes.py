@@ -163,6 +163,13 @@ class PABEE(Recipe):
 
 @register_recipe
 class DMPO(Recipe):
+    """DMPO. **No public code exists; this is our reading of the paper's abstract**: a two-phase
+    schedule of exit loss weights (first the deep exits, so early stages stay representative, then
+    the discriminative ability moved to the early exits: weights proportional to j, then to
+    S + 1 - j, switching halfway) with DMPO's head (model_export/heads.py). Deviations we know of:
+    the weight shapes and the halfway switch are our choice, not the paper's stated values; the
+    results docs/recipes.md reports rest on this reading."""
+
     name = "dmpo"
     summary = "two-phase loss weights: deep exits first, then discriminative ability moved to early exits"
     default_head = "dmpo"
@@ -296,6 +303,15 @@ def graph_regulariser(features: torch.Tensor, anchor: torch.Tensor, y: torch.Ten
 
 @register_recipe
 class MET(Recipe):
+    """MET (multi-exit ViT tuning with exit adapters and graph regularisation). **No public code
+    exists; this is our reading of the paper's abstract**: a frozen pretrained backbone tuned with
+    E-adapters (one shared down- and up-projection, an exit-specific diagonal scaling per exit) and
+    all exit heads, joint CE plus 0.1 x a same-class graph regulariser at every early exit.
+    Deviations: adapter width 8, gamma 0.1 and the regulariser's exact form are our choices; on a
+    backbone trained from scratch the first `pretrain_share` of the budget trains it for its final
+    exit (our stand-in for the pretrained model; on MiniLM / DINOv2 that phase fine-tunes the
+    pretrained backbone for the task)."""
+
     name = "met"
     summary = "frozen backbone tuned with shared-projection exit adapters, graph regularisation at early exits"
     adapter_dim: ClassVar[int] = 8
