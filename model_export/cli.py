@@ -165,7 +165,7 @@ def compare_cmd(args: argparse.Namespace) -> int:
     run_compare(args.out, args.img, args.results, grid=args.grid, datasets=args.datasets.split(","),
                 seeds=tuple(int(s) for s in args.seeds.split(",")), epochs=args.epochs, max_steps=args.max_steps,
                 train_limit=args.train_limit, freeze_backbone=args.freeze_backbone, progress=not args.quiet,
-                pairs=pairs)  # type: ignore[arg-type]
+                pairs=pairs, train=not args.report_only)  # type: ignore[arg-type]
     print(f"wrote {args.out}")
     return 0
 
@@ -229,6 +229,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps")
     p.add_argument("--train-limit", type=int, default=None, help="subsample the training split to N (fixed seed)")
     p.add_argument("--freeze-backbone", action="store_true", help="pretrained backbones stay frozen in every recipe")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: redraw the Markdown and plots from the saved runs of these data sets")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=compare_cmd)
 

@@ -415,10 +415,10 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
                 datasets: list[str] | None = None, seeds: tuple[int, ...] = (0, 1, 2), epochs: int = 20,
                 max_steps: int | None = None, train_limit: int | None = None, variant: str = "demo",
                 freeze_backbone: bool = False, progress: bool = True,
-                pairs: list[tuple[str, str]] | None = None) -> list[RunResult]:
+                pairs: list[tuple[str, str]] | None = None, train: bool = True) -> list[RunResult]:
     """Train what is not in `results_path` yet (one JSON line per run, so an interrupted grid
     resumes), then write the PNGs and the Markdown from every saved run of these data sets.
-    `pairs`: the (recipe, head) rows (default: the grid's)."""
+    `pairs`: the (recipe, head) rows (default: the grid's); `train` False: only redraw from what is saved."""
     from model_export.recipes import train_recipe
 
     datasets = datasets or ["digits-hard"]
@@ -426,7 +426,7 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
     done = {r.key for r in load_results(results_path)}
     trained = (epochs, max_steps, train_limit, variant, freeze_backbone)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    for dataset in datasets:
+    for dataset in datasets if train else []:
         splits = None
         for recipe, head in training_runs(pairs):
             for seed in seeds:
