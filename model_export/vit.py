@@ -293,15 +293,6 @@ class MultiExitViT(ExitStages, nn.Module):
         out = self._run(i, x)
         return {name: out[name] for name in self.output_names(i)}
 
-    def forward_all(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Every stage's outputs, `features` included, for recipes' losses."""
-        outs = []
-        for i in range(self.num_stages):
-            out = self._run(i, x)
-            outs.append(out)
-            x = out[HIDDEN]
-        return outs
-
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every exit's logits, in stage order (the final exit last)."""
         logits = []
