@@ -19,6 +19,7 @@ The data a model trains and exports on provides `features(idx) -> {input name: n
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -80,6 +81,40 @@ class MultiExitModel(Protocol):
     def backbone_modules(self) -> list[nn.Module]:
         """The pretrained part that frozen-backbone recipes (MET, LGViT stage 2) freeze."""
         ...
+
+
+class ExitConfig:
+    """What the built-in families' configs share (frozen dataclasses with `exits` and a `depth`):
+    the exits normalised and checked, the exit blocks, and the plain-dict round trip checkpoints
+    store (tuples as JSON lists; `from_dict` refuses unknown keys)."""
+
+    exits: tuple[int, ...] | None
+    depth: int
+
+    def _check_exits(self, what: str = "layer") -> list[str]:
+        """Sort and deduplicate `exits` (frozen: set in place); the problems with them, if any."""
+        if self.exits is None:
+            return []
+        object.__setattr__(self, "exits", tuple(sorted(set(int(b) for b in self.exits))))
+        if not self.exits or self.exits[0] < 0 or self.exits[-1] >= self.depth:
+            return [f"exits {self.exits} must be {what} indices in [0, {self.depth - 1}]"]
+        return []
+
+    @property
+    def exit_blocks(self) -> tuple[int, ...]:
+        """Layers followed by an exit head, the last layer always among them."""
+        chosen = set(range(self.depth)) if self.exits is None else set(self.exits)
+        return tuple(sorted(chosen | {self.depth - 1}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        unknown = set(d) - {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}")
+        return cls(**d)  # __post_init__ turns JSON lists back into tuples
 
 
 class ExitStages:

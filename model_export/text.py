@@ -23,7 +23,7 @@ from __future__ import annotations
 import bz2
 import csv
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.heads import head_class
-from model_export.protocol import ExitStages
+from model_export.protocol import ExitConfig, ExitStages
 from model_export.vit import EAdapters, _init_weights
 from server.bundle import GATE, HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
 from server.text import ATTENTION_MASK, INPUT_IDS, TextTokenizer
@@ -43,7 +43,7 @@ MASK_FILL = -1e9
 
 
 @dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(ExitConfig):
     """Everything needed to rebuild the model without the folder it came from."""
 
     backbone: dict[str, Any]
@@ -59,14 +59,9 @@ class EncoderConfig:
     """Where the pretrained weights came from (informational)."""
 
     def __post_init__(self) -> None:
-        if self.exits is not None:
-            object.__setattr__(self, "exits", tuple(sorted(set(int(b) for b in self.exits))))
-        depth = self.depth
-        problems = []
+        problems = self._check_exits()
         if self.pooling not in POOLINGS:
             problems.append(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.exits is not None and (not self.exits or self.exits[0] < 0 or self.exits[-1] >= depth):
-            problems.append(f"exits {self.exits} must be layer indices in [0, {depth - 1}]")
         if getattr(head_class(self.head), "needs_grid", False):
             problems.append(f"head {self.head!r} reads a patch grid; text models take heads that read one "
                             "pooled token (linear, shared, palbert, jei)")
@@ -81,23 +76,6 @@ class EncoderConfig:
     @property
     def depth(self) -> int:
         return int(self.backbone["num_hidden_layers"])
-
-    @property
-    def exit_blocks(self) -> tuple[int, ...]:
-        chosen = set(range(self.depth)) if self.exits is None else set(self.exits)
-        return tuple(sorted(chosen | {self.depth - 1}))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["exits"] = None if self.exits is None else list(self.exits)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig keys {sorted(unknown)}")
-        return cls(**d)
 
 
 def _bert_config(d: dict[str, Any]) -> Any:

@@ -39,7 +39,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from torch import nn
 
 from model_export.data import DIGIT_LABELS, Split, Splits
 from model_export.heads import head_class
-from model_export.protocol import ExitStages
+from model_export.protocol import ExitConfig, ExitStages
 from model_export.vit import PIXELS, EAdapters, _init_weights
 from server.bundle import HIDDEN, HIDDEN_IN, SIMILARITY, TensorSpec
 
@@ -405,7 +405,7 @@ def pretrained_dinov2(cache_dir: Path | None = None, *, progress: bool = True) -
 
 
 @dataclass(frozen=True)
-class Dinov2ExitConfig:
+class Dinov2ExitConfig(ExitConfig):
     """Everything needed to rebuild the model without the wheel it came from."""
 
     backbone: dict[str, Any]
@@ -428,16 +428,12 @@ class Dinov2ExitConfig:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.exits is not None:
-            object.__setattr__(self, "exits", tuple(sorted(set(int(b) for b in self.exits))))
         for name in ("input_size", "mean", "std"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         head_class(self.head)  # unknown kinds fail listing the registered ones
-        depth, size, patch = self.depth, self.image_size, int(self.backbone.get("patch_size", 14))
+        size, patch = self.image_size, int(self.backbone.get("patch_size", 14))
         channels = int(self.backbone.get("num_channels", 3))
-        problems = []
-        if self.exits is not None and (not self.exits or self.exits[0] < 0 or self.exits[-1] >= depth):
-            problems.append(f"exits {self.exits} must be layer indices in [0, {depth - 1}]")
+        problems = self._check_exits()
         if self.pooling not in POOLINGS:
             problems.append(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if size % patch:
@@ -461,24 +457,6 @@ class Dinov2ExitConfig:
     def grid(self) -> tuple[int, int]:
         side = self.image_size // int(self.backbone.get("patch_size", 14))
         return side, side
-
-    @property
-    def exit_blocks(self) -> tuple[int, ...]:
-        chosen = set(range(self.depth)) if self.exits is None else set(self.exits)
-        return tuple(sorted(chosen | {self.depth - 1}))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(exits=None if self.exits is None else list(self.exits), input_size=list(self.input_size),
-                 mean=list(self.mean), std=list(self.std))
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Dinov2ExitConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown Dinov2ExitConfig keys {sorted(unknown)}")
-        return cls(**d)
 
 
 def resize_position_embeddings(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

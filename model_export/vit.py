@@ -18,7 +18,7 @@ tensors one exported stage outputs; `forward` runs every stage and returns every
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from model_export.heads import ExitHead, head_class
-from model_export.protocol import ExitStages
+from model_export.protocol import ExitConfig, ExitStages
 from server.bundle import HIDDEN, HIDDEN_IN, LOGITS, SIMILARITY, TensorSpec
 
 PIXELS = "pixels"
 
 
 @dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ExitConfig):
     """Everything needed to rebuild the model; saved in checkpoints as a plain dict."""
 
     img_size: tuple[int, int] = (8, 8)
@@ -59,30 +59,20 @@ class ViTConfig:
     def __post_init__(self) -> None:
         size = self.img_size
         object.__setattr__(self, "img_size", (size, size) if isinstance(size, int) else tuple(size))
-        if self.exits is not None:
-            object.__setattr__(self, "exits", tuple(sorted(set(int(b) for b in self.exits))))
         h, w = self.img_size
-        problems = []
+        problems = self._check_exits("block")
         if h % self.patch_size or w % self.patch_size:
             problems.append(f"image size {self.img_size} is not divisible by patch size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             problems.append(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.depth < 1:
             problems.append(f"depth must be >= 1, got {self.depth}")
-        if self.exits is not None and (not self.exits or self.exits[0] < 0 or self.exits[-1] >= self.depth):
-            problems.append(f"exits {self.exits} must be block indices in [0, {self.depth - 1}]")
         if self.adapter_dim < 0:
             problems.append(f"adapter_dim must be >= 0, got {self.adapter_dim}")
         if self.input_std <= 0 or self.input_scale <= 0:
             problems.append("input_scale and input_std must be positive")
         if problems:
             raise ValueError("invalid ViTConfig: " + "; ".join(problems))
-
-    @property
-    def exit_blocks(self) -> tuple[int, ...]:
-        """Blocks followed by an exit head, the last block always among them."""
-        chosen = set(range(self.depth)) if self.exits is None else set(self.exits)
-        return tuple(sorted(chosen | {self.depth - 1}))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -93,20 +83,6 @@ class ViTConfig:
     def num_patches(self) -> int:
         h, w = self.grid
         return h * w
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["img_size"] = list(self.img_size)
-        d["exits"] = None if self.exits is None else list(self.exits)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown ViTConfig keys {sorted(unknown)}")
-        return cls(**d)  # __post_init__ turns JSON lists back into tuples
 
 
 class Attention(nn.Module):
