@@ -167,11 +167,13 @@ def array_from_bytes(buf: memoryview, spec: InputSpec, shape: tuple[int, ...], d
 def decode_request(body: bytes, header_length: str | None, bundle: Bundle, *, max_samples: int) -> InferRequest:
     """Decode and validate a V2 infer request body for a bundle (array or text model, text_codec.py)."""
     if bundle.manifest.text is None:
-        return decode_infer_request(body, header_length, bundle.manifest.input, max_samples=max_samples)
+        return decode_infer_request(body, header_length, bundle.manifest.input, max_samples=max_samples,
+                                    served=served_outputs(bundle.manifest))
     raw_json, tail = split_body(body, header_length)
     request_id, early_exit, binary_default = _envelope(doc := _json_object(raw_json))
     rows = text_codec.decode_text_body(bundle, doc.get("inputs"), tail, header_length is not None, max_samples)
-    return InferRequest(rows, request_id, early_exit, _requested_outputs(doc, binary_default))
+    return InferRequest(rows, request_id, early_exit, _requested_outputs(doc, binary_default,
+                                                                         served_outputs(bundle.manifest)))
 
 
 def _envelope(doc: dict[str, Any]) -> tuple[str | None, bool, bool]:
@@ -185,9 +187,11 @@ def _envelope(doc: dict[str, Any]) -> tuple[str | None, bool, bool]:
 
 
 def decode_infer_request(
-    body: bytes, header_length: str | None, spec: InputSpec, *, max_samples: int
+    body: bytes, header_length: str | None, spec: InputSpec, *, max_samples: int,
+    served: list[str] = list(DEFAULT_OUTPUTS),  # noqa: B006 - read only
 ) -> InferRequest:
-    """Decode and validate a V2 infer request body against a model's input spec."""
+    """Decode and validate a V2 infer request body against a model's input spec (and the outputs it
+    serves, `served_outputs`)."""
     raw_json, tail = split_body(body, header_length)
     request_id, early_exit, binary_default = _envelope(doc := _json_object(raw_json))
     inputs = doc.get("inputs")
@@ -224,11 +228,11 @@ def decode_infer_request(
         raise BadRequest(f"{len(tail) - used} bytes after the JSON header are not claimed by any input")
     check_finite(x, spec)
     return InferRequest(
-        x=x, id=request_id, early_exit=early_exit, outputs=_requested_outputs(doc, binary_default)
+        x=x, id=request_id, early_exit=early_exit, outputs=_requested_outputs(doc, binary_default, served)
     )
 
 
-def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[RequestedOutput]:
+def _requested_outputs(doc: dict[str, Any], binary_default: bool, served: list[str]) -> list[RequestedOutput]:
     requested = doc.get("outputs")
     if requested is None or requested == []:
         return [RequestedOutput(name, binary_default) for name in DEFAULT_OUTPUTS]
@@ -237,7 +241,7 @@ def _requested_outputs(doc: dict[str, Any], binary_default: bool) -> list[Reques
     out: list[RequestedOutput] = []
     for item in requested:
         name = item.get("name")
-        check_output_name(name, [o.name for o in out])
+        check_output_name(name, [o.name for o in out], served)
         where = f"output {name!r}"
         binary = _flag(_parameters(item, where), "binary_data", where, binary_default)
         out.append(RequestedOutput(name, binary))
@@ -269,10 +273,18 @@ def check_finite(x: np.ndarray, spec: InputSpec) -> None:
         raise BadRequest(f"input {spec.name!r}: {bad} value(s) are NaN or infinite")
 
 
-def check_output_name(name: Any, seen: list[str]) -> None:
-    """`name` is one of OUTPUTS, and not among those already requested (`seen`)."""
-    if not isinstance(name, str) or name not in OUTPUTS:
-        raise BadRequest(f"unknown output {name!r}; this model has {list(OUTPUTS)}")
+def served_outputs(manifest: Manifest) -> list[str]:
+    """The outputs this model answers: prediction sets only with conformal calibration."""
+    return [*DEFAULT_OUTPUTS, *([PREDICTION_SET] if manifest.conformal is not None else [])]
+
+
+def check_output_name(name: Any, seen: list[str], served: list[str]) -> None:
+    """`name` is one of the model's `served` outputs, and not among those already requested (`seen`)."""
+    if name == PREDICTION_SET and name not in served:
+        raise BadRequest(f"output {PREDICTION_SET!r}: this model has no conformal calibration "
+                         "(export it with a conformal coverage)")
+    if not isinstance(name, str) or name not in served:
+        raise BadRequest(f"unknown output {name!r}; this model has {served}")
     if name in seen:
         raise BadRequest(f"output {name!r} requested twice")
 

@@ -11,7 +11,7 @@ import numpy as np
 from server import __version__
 from server.bundle import Bundle, Manifest
 from server.conformal import policy_quantiles, sets_from
-from server.errors import BadRequest, OfframpError
+from server.errors import OfframpError
 from server.http import text_codec
 from server.interface import InferResult, ServingEngine
 
@@ -67,14 +67,11 @@ async def infer(engine: ServingEngine, model: str, bundle: Bundle, x: Any, *, ea
 def set_quantiles(engine: ServingEngine, model: str, bundle: Bundle, outputs: list[str],
                   early_exit: bool) -> np.ndarray | None:
     """The exit quantiles of the live policy (of full depth for `early_exit` false) when the request
-    asks for prediction sets, before any inference: a model without conformal calibration is a 400,
-    a live policy its calibration data cannot replay a 409. (A policy swapped while the request runs
-    may have answered it; its sets use the quantiles of the policy read here.)"""
+    asks for prediction sets (the decoders let it only for models with conformal calibration),
+    before any inference: a live policy its calibration data cannot replay is a 409. (A policy
+    swapped while the request runs may have answered it; its sets use the quantiles read here.)"""
     if PREDICTION_SET not in outputs:
         return None
-    if bundle.manifest.conformal is None:
-        raise BadRequest(f"output {PREDICTION_SET!r}: model {bundle.name!r} has no conformal calibration "
-                         "(export it with a conformal coverage)")
     try:
         return policy_quantiles(bundle, engine.policy(model) if early_exit else None)
     except ValueError as err:

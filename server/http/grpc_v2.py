@@ -131,8 +131,9 @@ def decode(request: Any, bundle: Any, max_samples: int) -> tuple[Any, bool, list
                 raise BadRequest("request parameter early_exit must be a bool")
             early_exit = param.bool_param
     wanted: list[str] = []
+    served = codec.served_outputs(bundle.manifest)
     for output in request.outputs:
-        codec.check_output_name(output.name, wanted)
+        codec.check_output_name(output.name, wanted, served)
         wanted.append(output.name)
     if bundle.manifest.text is not None:
         return _text_rows(request, bundle, max_samples), early_exit, wanted or list(codec.DEFAULT_OUTPUTS)

@@ -184,10 +184,24 @@ def test_binary_sets_and_grpc(server: ServerProcess) -> None:
 
 def test_a_model_without_conformal_calibration_refuses_the_output(tiny_bundle: Path,
                                                                    tmp_path: Path) -> None:
-    proc = ServerProcess(tiny_bundle, tmp_path / "cache")
+    proc = ServerProcess(tiny_bundle, tmp_path / "cache", "--grpc-port", "0")
     try:
         r = _infer(proc, digits(2), ["prediction_set"])
         assert r.status_code == 400 and "no conformal calibration" in r.json()["error"]
+        meta = httpx.get(f"{proc.url}/v2/models/{MODEL}").json()
+        assert "prediction_set" not in [o["name"] for o in meta["outputs"]]
+        r = _infer(proc, digits(2), ["logits"])  # the list of outputs names what this model serves
+        assert r.status_code == 400 and r.json()["error"].endswith("['label', 'probabilities', 'exit_stage']")
+        grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (test extra)")
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{proc.grpc_port}")
+        inp = grpcclient.InferInput("pixels", [1, 8, 8], "FP32")
+        inp.set_data_from_numpy(digits(1))
+        with pytest.raises(InferenceServerException, match="no conformal calibration") as err:
+            client.infer(MODEL, [inp], outputs=[grpcclient.InferRequestedOutput("prediction_set")])
+        assert "INVALID_ARGUMENT" in str(err.value.status())
+        client.close()
         assert httpx.get(f"{proc.url}/v2/health/ready").status_code == 200
     finally:
         proc.stop()
