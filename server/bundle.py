@@ -275,6 +275,7 @@ class Bundle:
     def __init__(self, root: Path, manifest: Manifest):
         self.root = Path(root)
         self.manifest = manifest
+        self._calibration: Calibration | None = None
 
     @property
     def name(self) -> str:
@@ -288,9 +289,12 @@ class Bundle:
         return None if ref is None else self.root / ref.file
 
     def calibration(self) -> Calibration:
+        """The calibration data, read once (verified bundles do not change on disk while served)."""
         if self.manifest.calibration is None:
             raise BundleError(f"{self.root / MANIFEST}: this bundle has no calibration data")
-        return Calibration.load(self.root / self.manifest.calibration)
+        if self._calibration is None:
+            self._calibration = Calibration.load(self.root / self.manifest.calibration)
+        return self._calibration
 
     def __repr__(self) -> str:
         return f"Bundle({self.name!r}, {self.manifest.num_stages} stages, {self.root})"

@@ -26,7 +26,7 @@ from functools import lru_cache
 import numpy as np
 
 from server.bundle import Bundle, Calibration, ConformalSpec
-from server.exits import lookup, softmax
+from server.exits import softmax
 from server.policy import ExitPolicy
 from server.replay import replay
 
@@ -44,12 +44,6 @@ def exit_quantiles(calibration: Calibration, spec: ConformalSpec,
     sample answered at the last stage (full depth)."""
     num_stages = calibration.logits.shape[0]
     n = calibration.labels.shape[0]
-    if policy is not None:
-        reads = lookup(policy[0]).reads
-        if reads is not None and getattr(calibration, reads) is None:
-            raise ValueError(f"the calibration data has no {reads!r} to replay the {policy[0]} policy on")
-        if len(policy[1]) != num_stages - 1:
-            raise ValueError(f"the policy has {len(policy[1])} thresholds, the calibration data {num_stages} stages")
     stage_of = (np.full(n, num_stages - 1, np.int64) if policy is None
                 else replay(calibration, policy[0], policy[1])[0])
     rows = np.arange(n)
@@ -81,8 +75,3 @@ def policy_quantiles(bundle: Bundle, policy: ExitPolicy | None) -> np.ndarray:
         raise ValueError(f"model {bundle.name!r} has no conformal calibration (manifest `conformal`)")
     return _bundle_quantiles(bundle, None if policy is None else (policy.criterion, tuple(policy.thresholds)))
 
-
-def prediction_sets(bundle: Bundle, policy: ExitPolicy | None, probabilities: np.ndarray,
-                    exit_stage: np.ndarray) -> np.ndarray:
-    """The served sets of answers given under `policy` (None: at full depth); see `policy_quantiles`."""
-    return sets_from(probabilities, exit_stage, policy_quantiles(bundle, policy))

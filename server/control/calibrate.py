@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from server.bundle import Calibration, Manifest
-from server.exits import CRITERIA, Criterion, ExitState, advance, lookup, softmax, threshold_range
-from server.replay import replay, stage_array
+from server.exits import CRITERIA, Criterion, ExitState, advance, softmax, threshold_range
+from server.replay import check_replayable, replay, stage_array
 
 TARGETS = ("target_agreement", "target_accuracy", "compute_budget")
 _PRICES = tuple(float(p) for p in np.geomspace(1e-3, 1e3, 36))
@@ -104,17 +104,6 @@ def stage_flops(manifest_or_flops: Manifest | Sequence[float]) -> list[int]:
     return [int(round(f)) for f in flops]
 
 
-def _check(calibration: Calibration, criterion: str, num_stages: int) -> None:
-    stages = calibration.logits.shape[0]
-    if stages != num_stages:
-        raise ValueError(f"calibration data has {stages} stages, the model has {num_stages}")
-    if calibration.labels.shape[0] == 0:
-        raise ValueError("calibration data has no samples")
-    reads = lookup(criterion).reads
-    if reads is not None and getattr(calibration, reads) is None:
-        raise ValueError(f"criterion {criterion!r} needs the calibration array {reads!r}, which this bundle lacks")
-
-
 def simulate(
     calibration: Calibration,
     criterion: str,
@@ -124,11 +113,8 @@ def simulate(
     """Replay a policy on the calibration data stage by stage, as the engine runs it."""
     flops = stage_flops(flops_per_stage)
     num_stages = len(flops)
-    _check(calibration, criterion, num_stages)
-    if len(thresholds) != num_stages - 1:
-        raise ValueError(f"expected {num_stages - 1} thresholds (one per early exit), got {len(thresholds)}")
     n = calibration.labels.shape[0]
-    stage_of, answer = replay(calibration, criterion, thresholds)
+    stage_of, answer = replay(calibration, criterion, thresholds, num_stages)
     final = softmax(calibration.logits[-1]).argmax(axis=-1)
     counts = np.bincount(stage_of, minlength=num_stages)
     cumulative = np.cumsum(flops)
@@ -152,7 +138,7 @@ class _Search:
 
     def __init__(self, calibration: Calibration, criterion: str, flops: list[int], quality: str):
         num_stages = len(flops)
-        _check(calibration, criterion, num_stages)
+        check_replayable(calibration, criterion, num_stages)
         self.criterion, self.k, self.n = criterion, num_stages - 1, calibration.labels.shape[0]
         state = ExitState.initial(self.n)
         scores = np.empty((self.k, self.n))

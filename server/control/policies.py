@@ -28,7 +28,6 @@ class PolicyControl:
     def __init__(self, engine: ServingEngine, store: PolicyStore):
         self.engine, self.store = engine, store
         self._apply_lock = threading.Lock()  # store.update and engine.set_policy happen in version order
-        self._calibrations: dict[str, Calibration] = {}
 
     def current(self, model: str) -> ExitPolicy:
         """The stored policy of `model` (`NotFound` for an unknown model); an empty store is seeded
@@ -107,11 +106,7 @@ class PolicyControl:
         return record
 
     def _calibration(self, model: str) -> Calibration:
-        bundle = self.engine.bundle(model)
-        key = str(bundle.root)
-        if key not in self._calibrations:
-            try:
-                self._calibrations[key] = bundle.calibration()
-            except BundleError as err:
-                raise Unprocessable(f"cannot calibrate {model}: {err}") from err
-        return self._calibrations[key]
+        try:
+            return self.engine.bundle(model).calibration()  # read once by the bundle
+        except BundleError as err:
+            raise Unprocessable(f"cannot calibrate {model}: {err}") from err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from server.bundle import Calibration, ConformalSpec, Manifest, load_bundle, write_manifest
-from server.conformal import exit_quantiles, prediction_sets, quantile, sets_from
+from server.conformal import exit_quantiles, policy_quantiles, quantile, sets_from
 from server.exits import softmax
 from server.replay import replay
 from tests.fakes import ServerProcess, digits, fake_manifest
@@ -150,8 +150,7 @@ def test_served_sets_are_the_exit_quantiles_of_the_live_policy(
     assert (out["prediction_set"] == want).all()
     assert not out["prediction_set"].all()  # informative: not every class for every sample (LAC sets
     # may also be empty: no class reaches 1 - q, as in dynn's `get_pred_sets`)
-    assert (prediction_sets(bundle, policy if early_exit else None, out["probabilities"],
-                            out["exit_stage"]) == want).all()
+    assert (policy_quantiles(bundle, policy if early_exit else None) == q).all()  # what the server caches
 
 
 def test_sets_are_only_sent_when_asked_and_listed_in_the_metadata(server: ServerProcess) -> None:
@@ -231,4 +230,4 @@ def test_a_policy_the_calibration_data_cannot_replay_is_a_409_before_inference(c
     bundle.calibration = lambda: stripped  # type: ignore[method-assign]
     with pytest.raises(OfframpError) as err:
         asyncio.run(infer(engine, MODEL, bundle, digits(2), early_exit=True, outputs=["prediction_set"], direct=True))
-    assert err.value.status_code == 409 and "no 'similarity'" in str(err.value) and not called
+    assert err.value.status_code == 409 and "needs the calibration array 'similarity'" in str(err.value) and not called
