@@ -211,7 +211,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "compare",
         help="compare the recipes x heads at equal budget over seeds, with bootstrap intervals (export extra)",
         description="Train the recipes x heads on each data set with several seeds; choose thresholds and "
-        "criterion on validation for the best accuracy within 30/50/56/70 %% of full-depth FLOPs, report test "
+        "criterion on validation for the best accuracy within 30/50/56/70 % of full-depth FLOPs, report test "
         "accuracy with paired bootstrap intervals, check the papers' claims, plot accuracy against compute. "
         "Runs are saved as they finish (--results) and a rerun resumes.",
     )

@@ -302,7 +302,8 @@ def claims(rows: list[Row], boot: Bootstrap) -> list[str]:
     for lg in (r for r in rows if r.recipe == "lgvit"):
         fast, full = lg.correct(0.56), lg.correct(None)
         if fast is not None and full is not None:
-            line(f"LGViT \"~1.8x speed-up, competitive\": {lg.label} @ 56 % − its full depth (margin {MARGIN:.2f})",
+            line(f"LGViT \"~1.8x speed-up, competitive\" (FLOPs, not time): {lg.label} @ 56 % − its full depth "
+                 f"(margin {MARGIN:.2f})",
                  boot.replicates(fast) - boot.replicates(full), MARGIN)
     for met in (r for r in rows if r.recipe == "met"):
         base = by.get(f"joint/{met.head}")

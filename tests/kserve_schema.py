@@ -1,7 +1,7 @@
 """JSON Schemas of KServe's custom resources, for checking docker/kserve/ offline.
 
 No KServe CRD ships in a package, and vendored copies would drift from a version; the `kserve`
-wheel on PyPI (installed `--no-deps` by `make install`, version `KSERVE_VERSION`) carries its API
+wheel on PyPI (installed `--no-deps` by `make test`, version `KSERVE_VERSION`) carries its API
 types as generated OpenAPI models (`kserve/models/v1*.py`: `openapi_types`, `attribute_map`, and
 setters that refuse `None` for required fields). This module reads those files through
 importlib.metadata and the AST (the package itself is never imported: its server needs far more

@@ -9,7 +9,7 @@ row reaches the last stage its record, with the full-depth label, enters the win
 record leaves once `window_size` are held. The window is independent of the policy (every record
 has every stage), so control/ can recalibrate from it (`calibration()`, server/control/auto.py).
 
-Memory: `window_size` x stages x (classes + 2) float32 (the demo at 2000: 1.4 MB), plus the rows
+Memory: `window_size` x stages x (classes + 2) float32 (the demo at 2000: 0.58 MB), plus the rows
 in flight. Optionally persisted beside the policy (`save` / `load`, an .npz).
 """
 
