@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from load_tests.data import RequestData, digits_test_split, read_request_data, sentiment_test_split
+from load_tests.data import RequestData, read_request_data, test_split_for
 from load_tests.reference_server import model_feed
 from server.text import ATTENTION_MASK
 
@@ -431,7 +431,7 @@ def run_bench(bundle_dir: Path, out: Path, cfg: BenchConfig, *, data: RequestDat
     if bundle.reference_path() is None:
         raise ValueError(f"{bundle_dir}: the bundle has no reference.onnx to compare with")
     if data is None:
-        data = sentiment_test_split() if m.text is not None else digits_test_split()
+        data = test_split_for(m)
     if m.text is not None and not data.is_text:
         raise ValueError("a text model is benchmarked on sentences (the sentiment test split by default)")
     if m.text is None and list(data.x.shape[1:]) != [d for d in m.input.shape[1:]]:

@@ -21,7 +21,7 @@ import numpy as np
 
 def evaluate(bundle_dir: Path, levels: list[float], agreement: float) -> dict[str, Any]:
     from load_tests.bench import machine
-    from load_tests.data import digits_test_split, sentiment_test_split
+    from load_tests.data import test_split_for
     from load_tests.policy_accuracy import answers
     from server.bundle import ConformalSpec, load_bundle
     from server.conformal import exit_quantiles, sets_from
@@ -31,7 +31,7 @@ def evaluate(bundle_dir: Path, levels: list[float], agreement: float) -> dict[st
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    data = sentiment_test_split() if m.text is not None else digits_test_split()
+    data = test_split_for(m)
     calibration = bundle.calibration()
     spec = m.conformal or ConformalSpec(coverage=levels[0])
     levels = list(dict.fromkeys([spec.coverage, *levels]))

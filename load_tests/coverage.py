@@ -58,10 +58,10 @@ def pooled(bundle: Any) -> Any:
         s = sentiment_splits()
         parts = [(np.array(s.val.texts, dtype=object), s.val.y), (np.array(s.test.texts, dtype=object), s.test.y)]
     else:
+        from load_tests.data import bundle_dataset
         from model_export.data import load_splits
 
-        dataset = "digits-hard" if "hard" in bundle.manifest.input.preprocessing else "digits"
-        s = load_splits(dataset)
+        s = load_splits(bundle_dataset(bundle.manifest))
         parts = [(s.val.x, s.val.y), (s.test.x, s.test.y)]
     outs = [exit_outputs(bundle, x) for x, _ in parts]
     y = np.concatenate([p[1] for p in parts])

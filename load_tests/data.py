@@ -20,6 +20,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,31 @@ def digits_test_split(split_seed: int = 0) -> RequestData:
     from model_export.data import load_digits_splits
 
     test = load_digits_splits(seed=split_seed).test
+    return RequestData(np.ascontiguousarray(test.x, np.float32), test.y.astype(np.int64))
+
+
+def bundle_dataset(manifest: Any) -> str:
+    """The built-in data set a bundle was exported for, read from what its export config wrote
+    (the input's preprocessing text); ValueError for a bundle of anything else."""
+    from model_export.export import DATASET_EXPORT_CONFIGS, EXPORT_CONFIGS
+
+    if manifest.text is not None:
+        return "rotten-tomatoes"
+    for dataset, config in DATASET_EXPORT_CONFIGS.items():
+        if EXPORT_CONFIGS[config].preprocessing == manifest.input.preprocessing:
+            return dataset
+    raise ValueError(f"{manifest.name}: not a bundle of a built-in data set (digits, digits-hard, mnist, "
+                     "rotten-tomatoes); give the request data yourself")
+
+
+def test_split_for(manifest: Any) -> RequestData:
+    """The test split of the data set the bundle was exported for (`bundle_dataset`)."""
+    dataset = bundle_dataset(manifest)
+    if dataset == "rotten-tomatoes":
+        return sentiment_test_split()
+    from model_export.data import load_splits
+
+    test = load_splits(dataset).test
     return RequestData(np.ascontiguousarray(test.x, np.float32), test.y.astype(np.int64))
 
 

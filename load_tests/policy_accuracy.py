@@ -44,14 +44,14 @@ async def answers(bundle: Any, policy: Any, data: Any, early: bool) -> tuple[np.
 
 def evaluate(bundle_dir: Path, targets: list[float]) -> dict[str, Any]:
     from load_tests.bench import machine
-    from load_tests.data import digits_test_split, sentiment_test_split
+    from load_tests.data import test_split_for
     from server.bundle import load_bundle
     from server.control.calibrate import calibrate
     from server.policy import ExitPolicy
 
     bundle = load_bundle(bundle_dir)
     m = bundle.manifest
-    data = sentiment_test_split() if m.text is not None else digits_test_split()
+    data = test_split_for(m)
     full, _, _ = asyncio.run(answers(bundle, m.default_policy.with_version(1), data, early=False))
     policies = {"default": m.default_policy}
     for t in targets:

@@ -116,7 +116,6 @@ def load_mnist_splits(seed: int = 0) -> Splits:
 
 
 DATASETS = {"digits": load_digits_splits, "digits-hard": load_hard_digits_splits, "mnist": load_mnist_splits}
-DATASET_PREPROCESSING = {"digits": PREPROCESSING, "digits-hard": HARD_PREPROCESSING}
 
 
 def load_splits(dataset: str = "digits", seed: int = 0) -> Splits:

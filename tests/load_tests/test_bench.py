@@ -234,3 +234,25 @@ def test_bench_with_cuda_graphs_has_a_graph_reference_among_the_baselines(tiny_b
     rows = {(r["config"], r["batch"]) for r in report["results"]}
     assert {("reference-graph", b) for b in cfg.batch_sizes} <= rows
     assert all(r["baseline"] in ("reference-1t", "reference-ort", "reference-graph") for r in report["results"])
+
+
+def test_every_load_test_picks_the_test_split_of_the_bundles_own_data_set(tiny_bundle: Path) -> None:
+    """bench, conformal, policy_accuracy and coverage read the data set from the bundle: a digits-hard
+    or MNIST bundle is never measured on clean digits, a bundle of anything else is refused."""
+    from load_tests.data import bundle_dataset, test_split_for
+    from model_export.data import HARD_PREPROCESSING
+    from model_export.vision import mnist_preprocessing
+    from server.bundle import load_bundle
+
+    m = load_bundle(tiny_bundle).manifest
+    assert bundle_dataset(m) == "digits"
+    data = test_split_for(m)
+    assert data.x.shape[1:] == (8, 8) and len(data) == 360
+
+    def with_preprocessing(text: str):  # noqa: ANN202
+        return m.model_copy(update={"input": m.input.model_copy(update={"preprocessing": text})})
+
+    assert bundle_dataset(with_preprocessing(HARD_PREPROCESSING)) == "digits-hard"
+    assert bundle_dataset(with_preprocessing(mnist_preprocessing())) == "mnist"
+    with pytest.raises(ValueError, match="not a bundle of a built-in data set"):
+        bundle_dataset(with_preprocessing("my own pixels"))
