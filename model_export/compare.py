@@ -424,8 +424,14 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
 
     datasets = datasets or ["digits-hard"]
     pairs = pairs or grid_pairs(grid)
-    done = {r.key for r in load_results(results_path)}
+    saved = load_results(results_path)
     trained = (epochs, max_steps, train_limit, variant, freeze_backbone)
+    if train:  # one setting per data set and file: refused before any training, not after it
+        clash = sorted({r.dataset for r in saved if r.dataset in datasets and r.key[4] != trained})
+        if clash:
+            raise ValueError(f"{results_path}: {', '.join(clash)} were trained with other settings "
+                             f"({', '.join(TRAINING_KEYS)}); use another --results file")
+    done = {r.key for r in saved}
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for dataset in datasets if train else []:
         splits = None
@@ -440,8 +446,7 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
                                       splits=splits, epochs=epochs, max_steps=max_steps, threads=1,
                                       freeze_backbone=freeze_backbone)
                 res = evaluate(run, splits, seed)
-                res.settings = {"epochs": epochs, "max_steps": max_steps, "train_limit": train_limit,
-                                "variant": variant, "freeze_backbone": freeze_backbone,
+                res.settings = {**dict(zip(TRAINING_KEYS, trained, strict=True)),
                                 "train_samples": len(splits.train), "steps": run.result.steps}
                 with results_path.open("a") as f:
                     f.write(json.dumps(asdict(res)) + "\n")
@@ -452,6 +457,12 @@ def run_compare(out: Path, img_dir: Path, results_path: Path, *, grid: str = "pa
     if len({r.key[:4] for r in results}) != len(results):
         raise ValueError(f"{results_path}: some rows and seeds were trained with different settings; "
                          "keep one setting per data set in one results file")
+    for dataset in datasets:  # the bootstrap pairs rows seed by seed: every row needs the same seeds
+        seed_sets = {frozenset(r.seed for r in results if (r.dataset, r.recipe, r.head) == key)
+                     for key in {(r.dataset, r.recipe, r.head) for r in results if r.dataset == dataset}}
+        if len(seed_sets) > 1:
+            raise ValueError(f"{results_path}: the rows of {dataset} were trained with different seeds "
+                             f"({sorted(sorted(s) for s in seed_sets)}); train the missing ones")
     write_markdown(Path(out), report(results, pairs, Path(out), Path(img_dir), header_text(results, grid)))
     return results
 

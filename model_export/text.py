@@ -184,9 +184,6 @@ class MultiExitEncoder(ExitStages, nn.Module):
             x = {HIDDEN_IN: out[HIDDEN], ATTENTION_MASK: inputs[ATTENTION_MASK]}
         return outs
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [o[LOGITS] for o in self.forward_all(inputs)]
-
     def exits(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self.forward(inputs)
 

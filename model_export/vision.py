@@ -613,15 +613,6 @@ class MultiExitDinov2(ExitStages, nn.Module):
         return self(inputs[self.input_name])
 
 
-def mnist_export_config(image_size: int = MNIST_IMAGE_SIZE) -> Any:
-    """How the MNIST model exports (model_export/export.py `OnnxExportConfig`; the default atol 1e-4
-    holds for the pretrained ViT-S at 56 px, every stage's `hidden` included, at batch 1 and 37)."""
-    from model_export.export import OnnxExportConfig
-
-    return OnnxExportConfig(family=MultiExitDinov2.family, input_name=PIXELS,
-                            preprocessing=mnist_preprocessing(image_size))
-
-
 # -- measurements ------------------------------------------------------------------------------------
 
 

@@ -248,10 +248,6 @@ class MultiExitViT(ExitStages, nn.Module):
             x = self.blocks[b](x, adapt)
         return x
 
-    def forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Backbone part of stage i: raw input (i = 0) or the previous hidden state -> hidden state."""
-        return self._blocks(i, self._stage_input(i, x))
-
     def forward_exit(self, i: int, hidden: torch.Tensor, prev: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Exit head i on stage i's hidden state (`prev`: the tokens the stage started from):
         `logits`, `features` (training only) and `gate` for gated heads."""

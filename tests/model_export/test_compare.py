@@ -125,3 +125,31 @@ def test_results_load_the_last_of_a_duplicate_and_skip_a_cut_last_line(tmp_path:
     path.write_text('{"broken\n' + json.dumps(asdict(a)) + "\n")
     with pytest.raises(ValueError, match="line 1 is not a saved run"):
         compare.load_results(path)
+
+
+def test_a_rerun_with_other_settings_is_refused_before_it_trains(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    results = tmp_path / "runs.jsonl"
+    saved = run({"max_prob": {0.5: (0.8, np.ones(5, bool))}})
+    saved.dataset, saved.settings = "digits", {"epochs": 20, "max_steps": None, "train_limit": None,
+                                               "variant": "demo", "freeze_backbone": False}
+    from dataclasses import asdict
+
+    results.write_text(json.dumps(asdict(saved)) + "\n")
+    trained = []
+    monkeypatch.setattr("model_export.recipes.train_recipe", lambda *a, **k: trained.append(a))
+    with pytest.raises(ValueError, match="digits were trained with other settings"):
+        compare.run_compare(tmp_path / "r.md", tmp_path / "img", results, datasets=["digits"], epochs=5,
+                            pairs=[("joint", "shared")])
+    assert not trained
+
+
+def test_rows_with_different_seeds_are_refused(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    a, b = run({"max_prob": {0.5: (0.8, np.ones(5, bool))}}, seed=0), run({"max_prob": {0.5: (0.8, np.ones(5, bool))}},
+                                                                           seed=1, recipe="pabee")
+    results = tmp_path / "runs.jsonl"
+    results.write_text("".join(json.dumps(asdict(r)) + "\n" for r in (a, b)))
+    with pytest.raises(ValueError, match="trained with different seeds"):
+        compare.run_compare(tmp_path / "r.md", tmp_path / "img", results, datasets=["d"], train=False,
+                            pairs=[("joint", "shared"), ("pabee", "shared")])

@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 
 from model_export import vision  # noqa: E402
 from model_export.data import Split, Splits  # noqa: E402
-from model_export.export import export_bundle  # noqa: E402
+from model_export.export import EXPORT_CONFIGS, export_bundle  # noqa: E402
 from model_export.protocol import MultiExitModel, check_model  # noqa: E402
 from model_export.recipes import frozen, get_recipe  # noqa: E402
 from model_export.train import TrainConfig  # noqa: E402
@@ -30,7 +30,6 @@ from model_export.vision import (  # noqa: E402
     MultiExitDinov2,
     dinov2_from_onnx,
     dinov2_state_from_onnx,
-    mnist_export_config,
     onnx_backbone_diff,
     tiny_dinov2_config,
 )
@@ -209,6 +208,7 @@ def test_a_recipe_trains_it_on_mnist_shaped_splits(monkeypatch: pytest.MonkeyPat
     splits = vision.mnist_splits()
     model = multi_exit()
     before = [p.detach().clone() for p in model.backbone_modules()[1].parameters()]
+    heads_before = [p.detach().clone() for p in model.heads.parameters()]
     restore = frozen(model.backbone_modules())
     try:
         result = get_recipe("joint").fit(model, splits.train, TrainConfig(epochs=1, batch_size=16, max_steps=3),
@@ -217,6 +217,7 @@ def test_a_recipe_trains_it_on_mnist_shaped_splits(monkeypatch: pytest.MonkeyPat
         restore()
     assert result.steps == 3
     assert all(torch.equal(a, b) for a, b in zip(before, model.backbone_modules()[1].parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(heads_before, model.heads.parameters(), strict=True))  # trained
 
 
 def test_exports_to_a_bundle_the_server_loads(tmp_path: Path) -> None:
@@ -225,11 +226,18 @@ def test_exports_to_a_bundle_the_server_loads(tmp_path: Path) -> None:
     splits = Splits(Split(x[:60], y[:60]), Split(x[60:90], y[60:90]), Split(x[90:], y[90:]),
                     [str(d) for d in range(10)])
     model = multi_exit()
-    out = export_bundle(model, tmp_path / "bundle", splits, name="mnist-tiny", cfg=mnist_export_config())
+    out = export_bundle(model, tmp_path / "bundle", splits, name="mnist-tiny", cfg=EXPORT_CONFIGS["dinov2-mnist"])
     bundle = load_bundle(out)  # export_bundle checked every stage against PyTorch at batch 1 and 37
     assert bundle.manifest.input.shape == [-1, 28, 28] and len(bundle.manifest.stages) == 2
     assert [s.blocks for s in bundle.manifest.stages] == [[0], [1]]
     assert "ImageNet" in bundle.manifest.input.preprocessing
+    from tests.fakes import serve_bundle
+
+    labels, stages = serve_bundle(bundle, x[:7])  # raw 28x28 pixels through the engine, no torch
+    with torch.no_grad():
+        exits = model(torch.from_numpy(x[:7]))
+    for i in range(7):  # each answer is the exit it came from
+        assert labels[i] == int(exits[int(stages[i])][i].argmax())
 
 
 # -- the real wheels (skipped unless `make install-vision`) ---------------------------------------------
