@@ -216,10 +216,14 @@ def test_graph_reference_reuses_its_buffers_and_answers_as_onnxruntime(tiny_bund
     graph = GraphReference(bundle.reference_path(), "cpu", out)  # type: ignore[arg-type]
     plain = ort.InferenceSession(str(bundle.reference_path()), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
+    addresses = {}
     for n in (1, 5, 5, 3, 5):
         x = rng.uniform(0, 16, (n, 8, 8)).astype(np.float32)
         np.testing.assert_allclose(graph({"pixels": x}), plain.run([out], {"pixels": x})[0], rtol=1e-5, atol=1e-6)
-    assert sorted(graph._buffers) == [1, 3, 5]  # one set of buffers per batch size, reused
+        value, outs, _ = graph._buffers[n]
+        ptrs = (value.data_ptr(), *(o.data_ptr() for o in outs.values()))  # type: ignore[attr-defined]
+        assert addresses.setdefault(n, ptrs) == ptrs  # the same buffers on every run of that size
+    assert sorted(graph._buffers) == [1, 3, 5]
 
 
 def test_bench_with_cuda_graphs_has_a_graph_reference_among_the_baselines(tiny_bundle: Path, tmp_path: Path) -> None:

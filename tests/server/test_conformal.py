@@ -87,6 +87,8 @@ def test_quantiles_condition_on_the_exit_and_fall_back_to_all_samples_when_few_e
     spec = ConformalSpec(coverage=0.9, min_exit_samples=20)
     policy = ("max_prob", [0.9, 0.6])
     stage_of, _ = replay(cal, *policy)
+    counts = np.bincount(stage_of, minlength=3)
+    assert counts[0] <= 20 < counts[1]  # exit 0 takes the fallback, exit 1 its own samples
     got = exit_quantiles(cal, spec, policy)
     for s in range(3):
         scores = 1.0 - softmax(cal.logits[s])[np.arange(400), cal.labels]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -67,6 +68,7 @@ def test_buffers_are_fixed_and_what_leaves_a_run_is_a_copy(onnx_bundle) -> None:
     assert graphs.thread_bound  # the scheduler keeps it off the caller's thread
     before = {key: {n: v.data_ptr() for n, v in bufs.items()} for key, bufs in graphs._buffers.items()}
     first = graphs.run(0, _pixels(3, seed=4))
+    assert np.all(graphs._buffers[(0, 4)]["pixels"].numpy()[3] == 0)  # the 4th row of the 3-row run: padding
     kept = first.hidden.numpy().copy()
     buffers = graphs._buffers[(0, 4)]
     addresses = {name: value.data_ptr() for name, value in buffers.items()}
@@ -76,8 +78,7 @@ def test_buffers_are_fixed_and_what_leaves_a_run_is_a_copy(onnx_bundle) -> None:
     np.testing.assert_array_equal(first.hidden.numpy(), kept)  # the earlier answer is untouched
     assert len(second) == 4
     assert {key: {n: v.data_ptr() for n, v in bufs.items()} for key, bufs in graphs._buffers.items()} == before
-    # Rows 3.. of the input buffer were zero for the 3-row run; the last run filled all 4.
-    assert not np.all(buffers["pixels"].numpy()[3] == 0)
+    assert not np.all(buffers["pixels"].numpy()[3] == 0)  # the 4-row run wrote over the padding
 
 
 def test_the_engine_answers_the_same_through_the_graph_runner(onnx_bundle) -> None:
@@ -104,3 +105,57 @@ def test_cuda_graphs_on_cpu_warn_and_run_without(onnx_bundle, caplog: pytest.Log
         runner = stage_runner(onnx_bundle, Settings(device="cpu", cuda_graphs=True))
     assert type(runner) is OrtStageRunner
     assert "cuda_graphs applies to array models on CUDA only" in caplog.text
+
+
+def _recording(base: type) -> type:
+    class Recording(base):  # type: ignore[misc, valid-type]
+        threads: set[int]
+
+        def run(self, stage, x):  # noqa: ANN001, ANN201
+            self.threads.add(threading.get_ident())
+            return super().run(stage, x)
+    return Recording
+
+
+@pytest.mark.parametrize("thread_bound", [False, True])
+def test_a_thread_bound_runner_never_runs_on_the_callers_thread(onnx_bundle, thread_bound: bool) -> None:
+    """The direct path runs small requests on the caller's thread once the model is measured fast;
+    a CUDA-graph runner (thread_bound) must stay on the worker thread, where its graphs were captured."""
+    runners: list = []
+
+    def factory(b, s):  # noqa: ANN001, ANN202
+        cls = _recording(GraphStageRunner if thread_bound else OrtStageRunner)
+        runner = cls(b, s, bind_device="cpu") if thread_bound else cls(b, s)
+        runner.threads = set()
+        runners.append(runner)
+        return runner
+
+    async def go() -> set[int]:
+        engine = Engine([onnx_bundle], SETTINGS.model_copy(update={"inline_budget_ms": 1000.0}), Metrics(),
+                        runner_factory=factory)
+        await engine.start()
+        try:
+            for i in range(20):  # the first ones measure the stages; then the direct path may run
+                await engine.infer(onnx_bundle.name, _pixels(1, seed=i), direct=True)
+        finally:
+            await engine.stop()
+        return {threading.get_ident()}
+
+    caller = asyncio.run(go())
+    ran_on_caller = bool(runners[0].threads & caller)
+    assert ran_on_caller is not thread_bound  # the plain runner does take the direct path here
+
+
+def test_a_runner_that_cannot_capture_falls_back_with_a_warning(onnx_bundle, monkeypatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    import server.engine.graphs as graphs
+
+    def refuse(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("This session cannot use the CUDA Graph feature")
+
+    monkeypatch.setattr(graphs, "resolve_device", lambda requested: "cuda")
+    monkeypatch.setattr(graphs, "GraphStageRunner", refuse)
+    with caplog.at_level(logging.WARNING, logger="offramp.runtime"):
+        runner = stage_runner(onnx_bundle, Settings(device="cpu", cuda_graphs=True))
+    assert type(runner) is OrtStageRunner
+    assert "CUDA graphs unavailable (RuntimeError: This session cannot use the CUDA Graph feature)" in caplog.text
