@@ -37,6 +37,12 @@ class NotFound(OfframpError):
     status_code = 404
 
 
+class Conflict(OfframpError):
+    """The request is well formed but the model's current state cannot answer it (409)."""
+
+    status_code = 409
+
+
 class BodyTimeout(OfframpError):
     """The body did not arrive in time: the connection is closed after the answer."""
 

@@ -36,8 +36,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from server.bundle import HIDDEN, NUMPY_DTYPES, Bundle
-from server.engine.device import HELPER_IR_VERSION, HELPER_OPSET, OrtValueOps, providers_for
-from server.engine.runtime import OrtStageRunner, StageOutputs, resolve_device, session_options
+from server.engine.device import HELPER_IR_VERSION, HELPER_OPSET, OrtValueOps
+from server.engine.runtime import OrtStageRunner, StageOutputs, resolve_device
 from server.settings import Settings
 from server.text import TokenRows
 
@@ -118,8 +118,6 @@ class GraphStageRunner(OrtStageRunner):
         self.buckets = buckets(settings.max_batch_size)
         self.capture = self.ops.device_type == "cuda"  # the CPU provider replays nothing: plain runs
         self._buffers: dict[tuple[int, int], dict[str, ort.OrtValue]] = {}
-        self._options = session_options(settings)
-        self._providers = providers_for(self.ops.device_type, device_id)  # helpers: no graphs, any shape
         self._pad: dict[tuple[int, int], ort.InferenceSession] = {}  # (element type, rank) -> session
         self._first: dict[tuple[int, int], ort.InferenceSession] = {}
         self._warm_up(bundle)
@@ -143,9 +141,9 @@ class GraphStageRunner(OrtStageRunner):
     def _session(self, cache: dict[tuple[int, int], ort.InferenceSession], key: tuple[int, int],
                  build: Any) -> ort.InferenceSession:
         sess = cache.get(key)
-        if sess is None:
-            model = build(*key).SerializeToString()
-            sess = cache[key] = ort.InferenceSession(model, self._options, providers=self._providers)
+        if sess is None:  # a helper session like OrtValueOps' own: no graphs, any shape
+            assert isinstance(self.ops, OrtValueOps)
+            sess = cache[key] = self.ops._session(build(*key))
         return sess
 
     def run(self, stage: int, x: Any) -> StageOutputs:

@@ -26,7 +26,7 @@ from server import jsonio
 from server.bundle import NUMPY_DTYPES, Bundle, InputSpec, Manifest
 from server.errors import BadRequest
 from server.http import text_codec
-from server.http.describe import PREDICTION_SET, model_metadata, server_metadata  # noqa: F401 - re-exported
+from server.http.describe import PREDICTION_SET
 from server.interface import InferResult
 from server.text import TokenRows
 
@@ -40,7 +40,7 @@ OUTPUTS: dict[str, tuple[str, np.dtype]] = {
     "label": ("INT64", np.dtype("<i8")),
     "probabilities": ("FP32", np.dtype("<f4")),
     "exit_stage": ("INT32", np.dtype("<i4")),
-    "prediction_set": ("BOOL", np.dtype("?")),
+    PREDICTION_SET: ("BOOL", np.dtype("?")),
 }
 DEFAULT_OUTPUTS = ("label", "probabilities", "exit_stage")
 

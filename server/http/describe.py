@@ -11,7 +11,7 @@ import numpy as np
 from server import __version__
 from server.bundle import Bundle, Manifest
 from server.conformal import policy_quantiles, sets_from
-from server.errors import OfframpError
+from server.errors import Conflict
 from server.http import text_codec
 from server.interface import InferResult, ServingEngine
 
@@ -75,4 +75,4 @@ def set_quantiles(engine: ServingEngine, model: str, bundle: Bundle, outputs: li
     try:
         return policy_quantiles(bundle, engine.policy(model) if early_exit else None)
     except ValueError as err:
-        raise OfframpError(f"output {PREDICTION_SET!r}: {err}", 409) from None
+        raise Conflict(f"output {PREDICTION_SET!r}: {err}") from None

@@ -73,12 +73,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.engine.ready and not self.state.draining)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
-        meta = codec.server_metadata()
+        meta = describe.server_metadata()
         return pb.ServerMetadataResponse(name=meta["name"], version=__version__, extensions=meta["extensions"])
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:  # noqa: N802
         try:
-            meta = codec.model_metadata(self._bundle(request.name, request.version).manifest)
+            meta = describe.model_metadata(self._bundle(request.name, request.version).manifest)
         except OfframpError as err:
             await self._fail(context, err)
 

@@ -82,6 +82,7 @@ class ErrorBody(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     what = {400: "malformed request", 404: "unknown model or version", 408: "body too slow",
+            409: "prediction sets asked while the live policy cannot be replayed on the calibration data",
             413: "body too large", 503: "not ready, shutting down or overloaded (Retry-After)",
             504: "not answered within request_timeout_s"}
     return {s: {"model": ErrorBody, "description": what[s]} for s in statuses}
@@ -89,7 +90,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 v2 = APIRouter(prefix="/v2", tags=["v2"])
 VERSIONED = _errors(404)
-INFER_ERRORS = _errors(400, 404, 408, 413, 503, 504)
+INFER_ERRORS = _errors(400, 404, 408, 409, 413, 503, 504)
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "description": "V2 inference request"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary",
@@ -109,13 +110,13 @@ async def ready(request: Request) -> JSONResponse:
 
 @v2.get("")
 async def server_metadata() -> dict[str, Any]:
-    return codec.server_metadata()
+    return describe.server_metadata()
 
 
 @v2.get("/models/{model}", responses=VERSIONED)
 async def model_metadata(model: str, request: Request) -> dict[str, Any]:
     engine, _, _ = _state(request)
-    return codec.model_metadata(_bundle_for(engine, model, request).manifest)
+    return describe.model_metadata(_bundle_for(engine, model, request).manifest)
 
 
 @v2.get("/models/{model}/versions/{version}", responses=VERSIONED)

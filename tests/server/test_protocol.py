@@ -11,6 +11,7 @@ import pytest
 from server.bundle import InputSpec
 from server.errors import BadRequest
 from server.http import codec as protocol
+from server.http import describe
 from tests.fakes import fake_manifest
 
 SPEC = InputSpec(name="pixels", shape=[-1, 8, 8], dtype="FP32")
@@ -122,13 +123,13 @@ def test_binary_data_output_is_the_default_for_every_output() -> None:
 
 
 def test_metadata_describes_inputs_and_outputs() -> None:
-    meta = protocol.model_metadata(fake_manifest(classes=7))
+    meta = describe.model_metadata(fake_manifest(classes=7))
     assert meta["name"] == "digits" and meta["versions"] == ["3"] and meta["platform"] == "offramp-early-exit"
     assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 8, 8]}]
     assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
         "label": ("INT64", [-1]), "probabilities": ("FP32", [-1, 7]), "exit_stage": ("INT32", [-1]),
     }
-    assert "binary_tensor_data" in protocol.server_metadata()["extensions"]
+    assert "binary_tensor_data" in describe.server_metadata()["extensions"]
 
 
 def _binary(x: np.ndarray, *, size: int | None = None, trailing: bytes = b"", header: str | None = None,
