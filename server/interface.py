@@ -34,6 +34,7 @@ class WindowView:
     samples: int
     total: int  # traced samples completed since start
     shadow_stage_rows: list[int]  # per stage, rows run only because they were traced
+    capacity: int = -1  # samples the window can hold; 0: no window (shadow_rate or window_size 0); -1: unknown
 
 
 class ServingEngine(Protocol):

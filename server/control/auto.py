@@ -34,7 +34,7 @@ from typing import Any
 from server.control.calibrate import simulate, stage_flops
 from server.control.guarantee import clopper_pearson, guaranteed
 from server.control.policies import PolicyControl
-from server.errors import OfframpError
+from server.errors import Conflict, OfframpError
 from server.interface import ServingEngine
 from server.metrics import Metrics
 from server.policy import ExitPolicy
@@ -85,7 +85,15 @@ class AutoCalibrator:
             return self._states.setdefault(model, AutoState())
 
     def configure(self, model: str, config: AutoConfig) -> dict[str, Any]:
+        """Set the model's controller; Conflict (409) when it is enabled but could never act."""
         st = self.state(model)
+        capacity = self.engine.window(model).capacity
+        if config.enabled and capacity == 0:
+            raise Conflict(f"{model}: auto-calibration needs the live window: start the server with "
+                           "shadow_rate > 0 and window_size > 0")
+        if config.enabled and 0 < capacity < config.min_samples:
+            raise Conflict(f"{model}: min_samples {config.min_samples} exceeds the window's {capacity} samples "
+                           "(window_size): it would never act")
         with self._lock:
             st.config, st.samples_at_change, st.samples_judged = config, -1, -1
         log.info("%s: auto-calibration %s", model, asdict(config))

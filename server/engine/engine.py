@@ -150,7 +150,8 @@ class Engine:
         if scheduler is None:
             return WindowView(None, 0, 0, [0] * self._bundles[model].manifest.num_stages)
         w = scheduler.window
-        return WindowView(w.calibration(), len(w), w.total, w.shadow_stage_rows.tolist())
+        return WindowView(w.calibration(), len(w), w.total, w.shadow_stage_rows.tolist(),
+                          w.capacity if w.enabled else 0)
 
     def device(self, model: str) -> str:
         """Where the model's stages run: "cuda" or "cpu"; "stopped" before start and after stop."""

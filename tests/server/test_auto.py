@@ -238,3 +238,30 @@ def test_a_two_stage_window_keeps_its_similarity() -> None:
         w.record(stage, trace, np.array([[1.0, 0.0]], np.float32), None, np.array([0.9], np.float32))
     calib = w.calibration()
     assert calib is not None and calib.similarity is not None and calib.similarity[0, 0] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("rate, size, min_samples, refused", [
+    (0.0, 500, 200, "needs the live window"),      # no tracing: the window never fills
+    (0.1, 0, 200, "needs the live window"),        # no window
+    (0.1, 100, 200, "exceeds the window's 100"),   # the window can never hold min_samples
+    (0.1, 500, 200, None),
+])
+def test_a_controller_that_could_never_act_is_refused(dense, tmp_path: Path, rate: float, size: int,  # noqa: ANN001
+                                                      min_samples: int, refused: str | None) -> None:
+    from server.errors import Conflict
+
+    async def configure() -> dict:
+        engine = Engine([dense], Settings(shadow_rate=rate, window_size=size, intra_op_threads=1), Metrics())
+        await engine.start()
+        try:
+            auto = AutoCalibrator(engine, PolicyControl(engine, FilePolicyStore(tmp_path / "s")), Metrics())
+            return auto.configure(dense.name, AutoConfig(enabled=True, min_samples=min_samples))
+        finally:
+            await engine.stop()
+
+    if refused is None:
+        assert asyncio.run(configure())["enabled"] is True
+    else:
+        with pytest.raises(Conflict, match=refused) as err:
+            asyncio.run(configure())
+        assert err.value.status_code == 409
