@@ -171,7 +171,7 @@ def uvicorn_config(app: Any, settings: Settings, port: int, lifespan: str) -> uv
     return uvicorn.Config(
         app, host=settings.host, port=port, log_config=None, log_level=settings.log_level,
         access_log=settings.log_level == "debug", lifespan=lifespan,
-        http=guarded_protocol(settings.header_timeout_s, settings.max_connections),
+        http=guarded_protocol(settings.header_timeout_s, settings.max_connections, getattr(app, "lean", None)),
         timeout_keep_alive=max(1, math.ceil(settings.idle_timeout_s)),
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_s + settings.body_timeout_s) + SHUTDOWN_GRACE_S,
     )

@@ -64,7 +64,9 @@ class ServingEngine(Protocol):
     async def stop(self, drain: bool = True) -> None: ...
 
     async def infer(self, model: str, x: np.ndarray | TokenRows, *, early_exit: bool = True,
-                    direct: bool = True) -> InferResult:
+                    direct: bool = True, busy: bool = False) -> InferResult:
         """Every sample of `x` (token rows for text models) answered at its exit. `direct=False`:
-        never on the caller's thread (the caller has other work the worker thread could overlap with)."""
+        never on the caller's thread (the caller has other work the worker thread could overlap with);
+        `busy`: the caller has other requests in progress, so only a model within
+        `inline_busy_budget_ms` runs on its thread."""
         ...

@@ -81,10 +81,17 @@ class Settings(BaseSettings):
     inline_budget_ms: float = Field(5.0, ge=0)
     """A request of up to 4 samples that finds the model idle (nothing queued or running) runs its
     stages on the caller's thread, with no hand-off to the worker thread, when its full depth is
-    expected to take at most this long (from measured stage times); through HTTP only when no other
-    request is in progress. This saves two thread wake-ups per request, which is what a small model
-    costs at low load. 0 turns it off. Not used while samples are traced into the live window
-    (`shadow_rate` and `window_size` > 0)."""
+    expected to take at most this long (from measured stage times); through HTTP and gRPC only when no
+    other request is in progress (else `inline_busy_budget_ms`). This saves two thread wake-ups per
+    request, which is what a small model costs at low load. 0 turns it off. Not used while samples
+    are traced into the live window (`shadow_rate` and `window_size` > 0)."""
+
+    inline_busy_budget_ms: float = Field(2.0, ge=0)
+    """The same, for a request that arrives while other requests are in progress: a model whose full
+    depth is expected to take at most this long (measured as CPU time on the direct path) still
+    runs on the caller's thread when idle, as handing a small model's request to the worker thread
+    and back costs more CPU than batching it with others saves. 0: such requests always go through
+    the worker's queues."""
 
     length_bucket_tokens: int = Field(16, ge=0)
     """Text models on CPU: a stage batch whose rows differ in length runs as one run per bucket of

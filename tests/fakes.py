@@ -95,7 +95,7 @@ class FakeEngine:
         self.stopped_with.append(drain)
 
     async def infer(self, model: str, x: np.ndarray, *, early_exit: bool = True,
-                    direct: bool = True) -> InferResult:
+                    direct: bool = True, busy: bool = False) -> InferResult:
         if self.error is not None:
             raise self.error
         n = len(x)

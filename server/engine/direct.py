@@ -29,8 +29,8 @@ DIRECT_MAX_ROWS = 4  # larger requests go to the worker: they are worth batching
 WINDOW = 9  # stage runs remembered per stage
 REESTIMATE_EVERY = 16
 
-# (stage, rows run, seconds, rows answered there, their token counts for text models)
-StageHook = Callable[[int, int, float, int, "np.ndarray | None"], None]
+# (stage, rows run, seconds, rows answered there, their token counts for text models, process CPU seconds)
+StageHook = Callable[[int, int, float, int, "np.ndarray | None", float], None]
 
 
 class FlopCounts:
@@ -59,30 +59,44 @@ def row_tokens(x: Any) -> np.ndarray | None:
 
 
 class StageCosts:
-    """Seconds one stage run of up to DIRECT_MAX_ROWS rows takes: the median of its last few runs
-    (robust to a run the OS descheduled); stages not measured yet (early exits keep deep stages
-    idle) are estimated from their FLOPs at the slowest measured rate. The full-depth figure is
-    recomputed every few observations, not on every request."""
+    """Seconds one stage run of up to DIRECT_MAX_ROWS rows takes: the median of its last few runs.
+    Once the model has run on the direct path, only direct runs count, measured as the process's
+    CPU time (onnxruntime's pool threads included; other threads' work at the same moment too, so
+    the figure errs high). Wall times also count waits: the OS running other processes on the core
+    (a load generator beside the server) and, on the worker, taking the GIL back from the event
+    loop after onnxruntime released it (up to the interpreter's switch interval); with them, a fast
+    model under load looked slow and was kept off the direct path, where a request costs least
+    CPU. Stages not measured (early exits keep deep stages idle) are estimated from their FLOPs at
+    the slowest measured rate. The full-depth figure is recomputed every few observations, not on
+    every request."""
 
     def __init__(self, flops: list[int]):
         self.flops = np.asarray(flops, dtype=np.float64)
         self.recent: list[deque[float]] = [deque(maxlen=WINDOW) for _ in flops]
+        self.direct = [False] * len(flops)  # whether the stage's window holds direct runs
         self._estimate: float | None = None
         self._fresh = 0  # observations since the estimate was computed
 
-    def observe(self, stage: int, rows: int, seconds: float) -> None:
-        if rows <= DIRECT_MAX_ROWS:
-            self.recent[stage].append(seconds)
-            self._fresh += 1
-            if self._estimate is None or self._fresh >= REESTIMATE_EVERY:
-                self._estimate, self._fresh = self._full_depth(), 0
+    def observe(self, stage: int, rows: int, seconds: float, direct: bool = False) -> None:
+        if rows > DIRECT_MAX_ROWS or (self.direct[stage] and not direct):
+            return
+        if direct and not self.direct[stage]:
+            self.recent[stage].clear()  # the worker's runs give way to the first direct one
+            self.direct[stage] = True
+            self._fresh = REESTIMATE_EVERY
+        self.recent[stage].append(seconds)
+        self._fresh += 1
+        if self._estimate is None or self._fresh >= REESTIMATE_EVERY:
+            self._estimate, self._fresh = self._full_depth(), 0
 
     def full_depth(self) -> float | None:
         """Expected seconds of a small request at full depth; None before any stage was measured."""
         return self._estimate
 
     def _full_depth(self) -> float | None:
-        medians = [sorted(r)[len(r) // 2] if r else None for r in self.recent]
+        direct = any(self.direct)
+        medians = [sorted(r)[len(r) // 2] if r and (d or not direct) else None
+                   for r, d in zip(self.recent, self.direct, strict=True)]
         known = [(m, f) for m, f in zip(medians, self.flops, strict=True) if m is not None]
         if not known:
             return None
@@ -126,15 +140,15 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
     state: ExitState | None = None  # made when a criterion needs it (exit_step)
     last = runner.num_stages - 1
     for stage in range(runner.num_stages):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         out = runner.run(stage, hidden)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         leave, labels, probs, state = _direct_step(policy, stage, stage == last, out, state)
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)
         tokens = row_tokens(hidden)
         if leave.all():  # the common case at batch 1: everyone left here
-            on_stage(stage, len(rows), seconds, len(rows), tokens)
+            on_stage(stage, len(rows), seconds, len(rows), tokens, cpu)
             if labels_out is None or probs_out is None or stage_out is None:  # nobody left earlier
                 return InferResult(labels.astype(np.int64, copy=False), probs, np.full(n, stage, np.int32))
             labels_out[rows], probs_out[rows], stage_out[rows] = labels, probs, stage
@@ -147,7 +161,7 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
                 stage_out = np.empty(n, np.int32)
             where = rows[exited]
             labels_out[where], probs_out[where], stage_out[where] = labels[exited], probs[exited], stage
-        on_stage(stage, len(rows), seconds, len(exited), None if tokens is None else tokens[exited])
+        on_stage(stage, len(rows), seconds, len(exited), None if tokens is None else tokens[exited], cpu)
         if len(exited):
             stay = np.flatnonzero(~leave)
             rows, state = rows[stay], None if state is None else state.take(stay)

@@ -160,7 +160,7 @@ class Engine:
         return getattr(runner, "device", "cpu") if runner is not None else "stopped"
 
     async def infer(self, model: str, x: np.ndarray | TokenRows, *, early_exit: bool = True,
-                    direct: bool = True) -> InferResult:
+                    direct: bool = True, busy: bool = False) -> InferResult:
         """Answer every sample of `x` (its first axis), each at the stage where it may exit. Text
         models take `TokenRows` (token ids and attention mask, server/text.py).
 
@@ -178,7 +178,7 @@ class Engine:
                 raise NotReady(f"model {model!r} is not serving (not started yet, or shutting down)")
             # Padding no row needs (a client's own ids may carry some) is dropped before any stage runs.
             rows = trim(TokenRows(np.ascontiguousarray(x.data, np.int64), np.ascontiguousarray(x.mask, np.int64)))
-            return await scheduler.submit(rows, early_exit=early_exit, direct=direct)
+            return await scheduler.submit(rows, early_exit=early_exit, direct=direct, busy=busy)
         spec = bundle.manifest.input
         want = tuple(spec.shape[1:])
         if x.shape[1:] != want and (  # the fast test first: most inputs have fixed sample shapes
@@ -189,4 +189,5 @@ class Engine:
         if scheduler is None:
             raise NotReady(f"model {model!r} is not serving (not started yet, or shutting down)")
         dtype = NUMPY_DTYPES[spec.dtype]
-        return await scheduler.submit(np.ascontiguousarray(x, dtype=dtype), early_exit=early_exit, direct=direct)
+        x = np.ascontiguousarray(x, dtype=dtype)
+        return await scheduler.submit(x, early_exit=early_exit, direct=direct, busy=busy)

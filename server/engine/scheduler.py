@@ -118,7 +118,7 @@ class ModelScheduler:
 
     # ---- request side ----------------------------------------------------------------------------
 
-    async def submit(self, x: Any, *, early_exit: bool = True, direct: bool = True) -> InferResult:
+    async def submit(self, x: Any, *, early_exit: bool = True, direct: bool = True, busy: bool = False) -> InferResult:
         n = len(x)
         if n == 0:
             return InferResult(np.zeros(0, np.int64), np.zeros((0, self.num_classes), np.float32),
@@ -127,10 +127,8 @@ class ModelScheduler:
         if n > limit:
             raise BadRequest(f"request has {n} samples; model {self.name!r} queues at most {limit} "
                              "(max_queue_size): split it")
-        if direct and self._may_run_direct(n):
-            direct = self._claim_direct(n)
-            if direct:
-                return self._run_direct(x, n, early_exit)
+        if direct and self._may_run_direct(n, busy) and self._claim_direct(n):
+            return self._run_direct(x, n, early_exit)
         loop = asyncio.get_running_loop()
         req = PendingRequest(n, loop, loop.create_future(), np.zeros(n, np.int64),
                        np.zeros((n, self.num_classes), np.float32), np.zeros(n, np.int32), remaining=n)
@@ -158,13 +156,14 @@ class ModelScheduler:
             self._abandon(req)
             raise
 
-    def _may_run_direct(self, n: int) -> bool:
-        """Cheap pre-check, no lock: small request, no shadow sampling, fast model, runner not thread-bound."""
+    def _may_run_direct(self, n: int, busy: bool) -> bool:
+        """Cheap pre-check, no lock: small request, no shadow sampling, fast model, not thread-bound."""
         if (n > min(DIRECT_MAX_ROWS, self.settings.max_batch_size) or self.window.enabled or self._load
                 or getattr(self.runner, "thread_bound", False)):
             return False
         expected = self._costs.full_depth()
-        return expected is not None and expected * 1000.0 <= self.settings.inline_budget_ms
+        budget = self.settings.inline_busy_budget_ms if busy else self.settings.inline_budget_ms
+        return expected is not None and expected * 1000.0 <= budget
 
     def _claim_direct(self, n: int) -> bool:
         """Whether the model is idle (nothing waiting, nothing running): then this request has it."""
@@ -192,8 +191,8 @@ class ModelScheduler:
                     self._cond.notify_all()
 
     def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int,
-                           tokens: np.ndarray | None) -> None:
-        self._costs.observe(stage, rows, seconds)
+                           tokens: np.ndarray | None, cpu: float) -> None:
+        self._costs.observe(stage, rows, cpu, direct=True)
         self.metrics.stage_done(self.name, stage, rows, seconds, answered,
                                 *self.flop_counts.of(stage, answered, tokens))
 

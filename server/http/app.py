@@ -29,7 +29,7 @@ from server.http.admin import build_admin_router
 from server.http.bodies import install_error_handlers
 from server.http.connections import quiet_accept_errors
 from server.http.middleware import ServingMiddleware, closing, route_methods
-from server.http.v2 import infer_asgi, v2
+from server.http.v2 import LeanInfer, infer_asgi, v2
 from server.interface import ServingEngine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -112,6 +112,7 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
         routes += admin.routes
     _finish(app, routes, lambda: bool(app.state.draining))
     app.fast = lambda scope, receive, send: infer_asgi(app.state, scope, receive, send)
+    app.lean = LeanInfer(app.state)  # the same route below ASGI, for uvicorn's httptools protocol
     return app
 
 
@@ -133,6 +134,7 @@ class OfframpApp(FastAPI):
     while the server drains, goes through the framework as usual."""
 
     fast: Any = None
+    lean: Any = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if self.fast is not None and scope["type"] == "http" and scope["method"] == "POST" \

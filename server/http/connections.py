@@ -128,11 +128,14 @@ except ImportError:  # httptools is the optional `fast` extra
     HAVE_HTTPTOOLS = False
 
 if HAVE_HTTPTOOLS:
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
     class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
-        """uvicorn's httptools protocol (the C parser of Node.js), guarded."""
+        """uvicorn's httptools protocol (the C parser of Node.js), guarded; infer requests answered
+        by `lean` (`server.http.v2.LeanInfer`) when the app has one."""
 
         _headers_done = False
+        lean: Any = None
 
         def _awaiting_headers(self) -> bool:
             return not self._headers_done and not self.transport.is_closing()
@@ -145,12 +148,61 @@ if HAVE_HTTPTOOLS:
             self._headers_done = False
             super().on_message_complete()
 
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            lean = self.lean
+            # Not for uvicorn's own apps (its 503 past limit_concurrency) nor with the access log on.
+            target = None if lean is None or app is not self.app or cycle.access_log else lean.target(
+                cycle.scope["method"], cycle.scope["path"])
+            if target is None:
+                super()._start_asgi_task(cycle, app)
+                return
+            task = self.loop.create_task(_answer_lean(lean, target, cycle))
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
-def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[_Guard]:
+    async def _answer_lean(lean: Any, target: Any, cycle: RequestResponseCycle) -> None:
+        """One infer request, answered in one write with what uvicorn's `cycle.send` does around it
+        (flow control, keep-alive, `Connection: close`, the next pipelined request)."""
+        try:
+            status, headers, content = await lean.answer(target, cycle.scope["headers"], cycle.receive)
+            if cycle.flow.write_paused and not cycle.disconnected:
+                await cycle.flow.drain()
+            if cycle.disconnected:
+                return
+            cycle.response_started, cycle.waiting_for_100_continue = True, False
+            if lean.draining() or any(k == b"connection" and b"close" in v.lower() for k, v in headers):
+                cycle.keep_alive = False
+            parts = [STATUS_LINE[status]]
+            for name, value in (*cycle.default_headers, *headers):
+                if name != b"connection":
+                    parts += [name, b": ", value, b"\r\n"]
+            if not cycle.keep_alive:
+                parts.append(b"connection: close\r\n")
+            parts += [b"\r\n", content]
+            cycle.transport.write(b"".join(parts))
+            cycle.response_complete = True
+            cycle.message_event.set()
+            if not cycle.keep_alive:
+                cycle.transport.close()
+            cycle.on_response()
+        except BaseException as exc:  # as uvicorn's run_asgi: a 500 if nothing was sent, else close
+            log.error("infer request failed", exc_info=exc)
+            if not cycle.response_started:
+                await cycle.send_500_response()
+            else:
+                cycle.transport.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+        finally:
+            cycle.on_response = lambda: None
+
+
+def guarded_protocol(header_timeout_s: float, max_connections: int, lean: Any = None) -> type[_Guard]:
     """The protocol class for `uvicorn.Config(http=...)` with these limits: httptools when it is
-    installed (the `fast` extra), else h11."""
+    installed (the `fast` extra), answering infer requests through `lean` when given, else h11."""
     base: type[_Guard] = GuardedHttpToolsProtocol if HAVE_HTTPTOOLS else GuardedH11Protocol
-    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
+    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections,
+                                         "lean": lean})
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -54,10 +54,10 @@ def model_metadata(manifest: Manifest) -> dict[str, Any]:
 
 
 async def infer(engine: ServingEngine, model: str, bundle: Bundle, x: Any, *, early_exit: bool,
-                outputs: list[str], direct: bool) -> InferResult:
+                outputs: list[str], busy: bool) -> InferResult:
     """The engine's answer, with its prediction sets when `outputs` asks for them (REST and gRPC)."""
     quantiles = set_quantiles(engine, model, bundle, outputs, early_exit)
-    result = await engine.infer(model, x, early_exit=early_exit, direct=direct)
+    result = await engine.infer(model, x, early_exit=early_exit, busy=busy)
     if quantiles is None:
         return result
     sets = sets_from(result.probabilities, result.exit_stage, quantiles)

@@ -102,7 +102,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             bundle = self._bundle(model, request.model_version)
             x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
             result = await describe.infer(self.engine, model, bundle, x, early_exit=early_exit, outputs=wanted,
-                                          direct=self.state.in_progress == 1)
+                                          busy=self.state.in_progress > 1)
             response = encode(bundle.manifest, request.id, result, wanted)
         except OfframpError as err:
             metrics.request_done(label, outcome(err.status_code))

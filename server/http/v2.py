@@ -160,9 +160,10 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
     metrics: Metrics = state.metrics
     started = time.perf_counter()
     label = model if model in engine.model_names() else UNKNOWN_MODEL
-    # With other requests in progress on this event loop, run the stages on the worker thread so
+    # With other requests in progress on this event loop, the stages run on the worker thread so
     # that the loop's own work (other requests' bodies, decoding, encoding) overlaps with compute
-    # on another core; alone, the request may run them right here (server.engine.direct).
+    # on another core, unless the model is so fast that the hand-off costs more
+    # (`inline_busy_budget_ms`); alone, the request may run them right here (server.engine.direct).
     state.in_progress += 1
     try:
         bundle = bundle_for(engine, model, version)
@@ -172,7 +173,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
             max_samples=settings.max_samples_per_request,
         )
         result = await describe.infer(engine, model, bundle, req.x, early_exit=req.early_exit,
-                                      outputs=[o.name for o in req.outputs], direct=state.in_progress == 1)
+                                      outputs=[o.name for o in req.outputs], busy=state.in_progress > 1)
         content, headers = await _maybe_offloaded(
             len(req.x) * bundle.manifest.num_classes * JSON_BYTES_PER_FLOAT,
             codec.encode_infer_response, bundle.manifest, req, result,
@@ -192,6 +193,40 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
 
 
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+INFER_HEADER = codec.INFER_HEADER.lower().encode("latin-1")
+Target = tuple[str, str | None]  # (model, version) of an infer path
+
+
+def infer_target(method: str, path: str) -> Target | None:
+    """(model, version) when this is an infer request, else None."""
+    match = INFER_PATH.match(path) if method == "POST" else None
+    return None if match is None else (match.group(1), match.group(2))
+
+
+async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, bytes]],
+                       receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, raw headers with content-length, body) of one infer request, errors included,
+    from its raw request headers and an ASGI `receive` for its body."""
+    settings: Settings = state.settings
+    length = encoding = header_length = None
+    for key, value in headers:  # only three headers matter here: no dict of all of them
+        key = key.lower()
+        if key == b"content-length":
+            length = value.decode("latin-1")
+        elif key == b"content-encoding":
+            encoding = value.decode("latin-1")
+        elif key == INFER_HEADER:
+            header_length = value.decode("latin-1")
+    body = read_limited(length, encoding, asgi_chunks(receive), settings.max_request_bytes, settings.body_timeout_s)
+    try:
+        content, out = await answer_infer(state, target[0], target[1], header_length, body)
+        status = 200
+    except OfframpError as err:
+        status, content = err.status_code, dumps({"error": err.message})
+        out = {**err.headers, "content-type": "application/json"}
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
+    raw.append((b"content-length", str(len(content)).encode()))
+    return status, raw, content
 
 
 async def infer_asgi(state: Any, scope: dict[str, Any], receive: Any, send: Any) -> bool:
@@ -199,22 +234,30 @@ async def infer_asgi(state: Any, scope: dict[str, Any], receive: Any, send: Any)
     first (FastAPI's routing, request object and response classes cost more server CPU per request
     than the engine does on a small model). Same decoding, engine, errors and metrics as `infer`.
     False when the request is not an infer request."""
-    match = INFER_PATH.match(scope["path"]) if scope["method"] == "POST" else None
-    if match is None:
+    target = infer_target(scope["method"], scope["path"])
+    if target is None:
         return False
-    settings: Settings = state.settings
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    body = read_limited(headers.get("content-length"), headers.get("content-encoding"), asgi_chunks(receive),
-                        settings.max_request_bytes, settings.body_timeout_s)
-    try:
-        content, out = await answer_infer(state, match.group(1), match.group(2),
-                                          headers.get(codec.INFER_HEADER.lower()), body)
-        status = 200
-    except OfframpError as err:
-        status, content = err.status_code, dumps({"error": err.message})
-        out = {**err.headers, "content-type": "application/json"}
-    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
-    raw.append((b"content-length", str(len(content)).encode()))
+    status, raw, content = await infer_answer(state, target, scope["headers"], receive)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": content})
     return True
+
+
+class LeanInfer:
+    """The infer route for uvicorn's httptools protocol, below ASGI (`server.http.connections`):
+    the protocol asks `target` for each request and answers the infer ones with `answer` in a
+    single write, past uvicorn's ASGI cycle, its middleware and the app's door. While the server
+    drains, every request takes the usual path (whose middleware answers 503)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    def target(self, method: str, path: str) -> Target | None:
+        return None if self.state.draining else infer_target(method, path)
+
+    def draining(self) -> bool:
+        return bool(self.state.draining)
+
+    async def answer(self, target: Target, headers: list[tuple[bytes, bytes]],
+                     receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        return await infer_answer(self.state, target, headers, receive)

@@ -231,5 +231,5 @@ def test_a_policy_the_calibration_data_cannot_replay_is_a_409_before_inference(c
     engine.infer = never  # type: ignore[method-assign]
     bundle.calibration = lambda: stripped  # type: ignore[method-assign]
     with pytest.raises(OfframpError) as err:
-        asyncio.run(infer(engine, MODEL, bundle, digits(2), early_exit=True, outputs=["prediction_set"], direct=True))
+        asyncio.run(infer(engine, MODEL, bundle, digits(2), early_exit=True, outputs=["prediction_set"], busy=False))
     assert err.value.status_code == 409 and "needs the calibration array 'similarity'" in str(err.value) and not called

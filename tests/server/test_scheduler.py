@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.engine.direct import StageCosts
 from server.engine.runtime import StageOutputs
 from server.engine.scheduler import InferResult, ModelScheduler
 from server.errors import BadRequest, NotReady, OfframpError, Overloaded, RequestTimeout
@@ -531,6 +532,47 @@ def test_a_busy_model_queues_instead_of_running_direct() -> None:
     first, second = asyncio.run(scenario())
     assert first.exit_stage.tolist() == [2] * 6 and second.exit_stage.tolist() == [2]
     assert threads == ["offramp-m"] * 3  # all three stages of the small request ran on the worker
+
+
+@pytest.mark.parametrize("busy_budget_ms, on_caller", [(1000.0, True), (0.0, False)])
+def test_a_caller_with_other_requests_runs_direct_only_within_the_busy_budget(busy_budget_ms: float,
+                                                                               on_caller: bool) -> None:
+    runner = ScriptedRunner(3, plan={u: u % 3 for u in range(20)})
+    runner.hook = recorder = ThreadRecorder()
+    sched = make(runner, inline_busy_budget_ms=busy_budget_ms)
+
+    async def scenario() -> list[InferResult]:
+        sched.start()
+        try:
+            for _ in range(3):  # alone: the stages are measured on the direct path
+                await sched.submit(ids(19))
+            recorder.threads.clear()
+            return [await sched.submit(ids(u), busy=True) for u in range(12)]
+        finally:
+            await sched.stop()
+
+    results = asyncio.run(scenario())
+    assert [int(r.exit_stage[0]) for r in results] == [u % 3 for u in range(12)]
+    names = {name for _, name in recorder.threads}
+    assert names == ({threading.main_thread().name} if on_caller else {"offramp-m"})
+    for u in range(12):  # either way, exits are real: no stage after a sample's exit ran for it
+        assert [s for s, uids in runner.calls if u in uids] == list(range(u % 3 + 1))
+
+
+def test_stage_costs_prefer_direct_runs_over_the_workers_inflated_ones() -> None:
+    costs = StageCosts([100, 100, 100])
+    assert costs.full_depth() is None
+    for _ in range(5):
+        costs.observe(0, 1, 0.004)  # worker runs that waited for the GIL
+    assert costs.full_depth() == pytest.approx(3 * 0.004)  # unmeasured stages at the measured rate
+    costs.observe(0, 1, 0.0001, direct=True)  # the first direct run replaces the worker's
+    assert costs.full_depth() == pytest.approx(3 * 0.0001)
+    for _ in range(20):
+        costs.observe(0, 1, 0.004)  # later worker runs of that stage no longer count
+        costs.observe(1, 1, 0.004)  # nor those of a stage with no direct run while others have one
+    assert costs.full_depth() == pytest.approx(3 * 0.0001)
+    costs.observe(0, 8, 1.0, direct=True)  # bigger than a direct request: never counted
+    assert costs.full_depth() == pytest.approx(3 * 0.0001)
 
 
 def test_a_failing_stage_on_the_direct_path_is_a_500_and_the_model_keeps_serving() -> None:
