@@ -19,7 +19,9 @@ references included, tokenizes its sentences inside the timed call, with the bun
   with the faster thread setting of the in-process reference), the HTTP baseline;
 - `http-full` / `http-early`: the engine through a real `offramp serve` subprocess on 127.0.0.1;
   all three under `c` concurrent clients each sending `--http-batch` samples per request (default 1)
-  in a closed loop (httpx in threads; V2 binary tensor data by default, `--http-format json` for JSON).
+  in a closed loop (threads each with one keep-alive connection: load_tests/raw_client.py by default, whose
+  Python per request is a small fraction of httpx's, so the cores go to the servers; `--http-client httpx`
+  for httpx; V2 binary tensor data by default, `--http-format json` for JSON).
 
 Configurations being compared run interleaved (A, B, C, then B, C, A, ...) so a shared machine's
 drifts hit all of them alike; figures are medians over `--repeats`. Exit histograms and
@@ -80,6 +82,8 @@ class BenchConfig:
     http_format: str = "binary"
     http_batch: int = 1
     """Samples per HTTP request."""
+    http_client: str = "raw"
+    """The load generator's client: `raw` (load_tests/raw_client.py) or `httpx`."""
     cuda_graphs: bool = False
     """The engine with `cuda_graphs`, and a `reference-graph` baseline (array models)."""
 
@@ -291,12 +295,16 @@ def model_input(bundle) -> Callable[[np.ndarray], object]:  # noqa: ANN001
 
 
 class _HttpClients:
-    """A thread pool whose threads each keep one keep-alive httpx client to the server."""
+    """A thread pool whose threads each keep one keep-alive client (`kind`: raw or httpx) to the server."""
 
-    def __init__(self, base: str, concurrency: int):
+    def __init__(self, base: str, concurrency: int, kind: str = "raw"):
         import httpx
 
-        self._httpx, self.base, self.concurrency = httpx, base, concurrency
+        from load_tests.raw_client import RawHttpClient
+
+        self.base, self.concurrency = base, concurrency
+        self._make = (lambda: RawHttpClient(base)) if kind == "raw" else (
+            lambda: httpx.Client(base_url=base, timeout=120.0))
         self.pool = ThreadPoolExecutor(concurrency)
         self._local = threading.local()
         self._clients: list = []
@@ -304,7 +312,7 @@ class _HttpClients:
     def client(self):  # noqa: ANN201
         c = getattr(self._local, "client", None)
         if c is None:
-            c = self._local.client = self._httpx.Client(base_url=self.base, timeout=120.0)
+            c = self._local.client = self._make()
             self._clients.append(c)
         return c
 
@@ -374,7 +382,8 @@ def measure_http(bundle_dir: Path, model: str, input_name: str, data: RequestDat
     with serve([bundle_dir], out / "server.log", flags=flags) as base, \
             serve_reference(bundle_dir, out / "reference-server.log", threads=reference_threads) as ref_base:
         for c in cfg.concurrency:
-            pools = {"engine": _HttpClients(base, c), "reference": _HttpClients(ref_base, c)}
+            pools = {"engine": _HttpClients(base, c, cfg.http_client),
+                     "reference": _HttpClients(ref_base, c, cfg.http_client)}
             try:
                 total = max(cfg.samples_per_trial // k, 4 * c)
                 names = list(bodies)
@@ -483,6 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--criterion", help="exit criterion to calibrate (default max_prob)")
     parser.add_argument("--http-format", choices=["binary", "json"], help="V2 body format (default binary)")
     parser.add_argument("--http-batch", type=int, help="samples per HTTP request (default 1)")
+    parser.add_argument("--http-client", choices=["raw", "httpx"],
+                        help="the load generator's client (default raw: load_tests/raw_client.py)")
     parser.add_argument("--no-http", action="store_true", help="in-process configurations only")
     parser.add_argument("--data", type=Path,
                         help="request data file (default: the digits test split; text models: the sentiment test "
@@ -499,7 +510,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
                       ("samples", "samples_per_trial"), ("threads", "threads"),
                       ("max_queue_delay_ms", "max_queue_delay_ms"), ("target_agreement", "target_agreement"),
                       ("criterion", "criterion"), ("http_format", "http_format"), ("device", "device"),
-                      ("http_batch", "http_batch")):
+                      ("http_batch", "http_batch"), ("http_client", "http_client")):
         if getattr(args, flag) is not None:
             setattr(cfg, key, getattr(args, flag))
     cfg.http = not args.no_http

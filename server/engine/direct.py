@@ -28,9 +28,11 @@ from server.text import TokenRows
 DIRECT_MAX_ROWS = 4  # larger requests go to the worker: they are worth batching with others
 WINDOW = 9  # stage runs remembered per stage
 REESTIMATE_EVERY = 16
+CPU_SAMPLE_EVERY = 8  # direct requests per one that reads its stages' CPU time (a syscall each side)
 
-# (stage, rows run, seconds, rows answered there, their token counts for text models, process CPU seconds)
-StageHook = Callable[[int, int, float, int, "np.ndarray | None", float], None]
+# (stage, rows run, seconds, rows answered there, their token counts for text models,
+#  process CPU seconds when measured)
+StageHook = Callable[[int, int, float, int, "np.ndarray | None", "float | None"], None]
 
 
 class FlopCounts:
@@ -76,6 +78,7 @@ class StageCosts:
         self.direct = [False] * len(flops)  # whether the stage's window holds direct runs
         self._estimate: float | None = None
         self._fresh = 0  # observations since the estimate was computed
+        self._requests = 0  # direct requests seen by `sample`
 
     def observe(self, stage: int, rows: int, seconds: float, direct: bool = False) -> None:
         if rows > DIRECT_MAX_ROWS or (self.direct[stage] and not direct):
@@ -88,6 +91,12 @@ class StageCosts:
         self._fresh += 1
         if self._estimate is None or self._fresh >= REESTIMATE_EVERY:
             self._estimate, self._fresh = self._full_depth(), 0
+
+    def sample(self) -> bool:
+        """Whether this direct request measures its stages' CPU time: the first few, then one in
+        CPU_SAMPLE_EVERY (reading the process's CPU clock is a system call)."""
+        self._requests += 1
+        return self._requests <= WINDOW or self._requests % CPU_SAMPLE_EVERY == 0
 
     def full_depth(self) -> float | None:
         """Expected seconds of a small request at full depth; None before any stage was measured."""
@@ -131,8 +140,9 @@ def _direct_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
 
 
 def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: bool, num_classes: int,
-               on_stage: StageHook) -> InferResult:
-    """Every row of `x` answered at its exit, running the stages here (see the module docstring)."""
+               on_stage: StageHook, measure_cpu: bool = True) -> InferResult:
+    """Every row of `x` answered at its exit, running the stages here (see the module docstring);
+    `measure_cpu`: each stage's process CPU time goes to `on_stage` too (else None)."""
     n = len(x)
     rows = np.arange(n)  # which request row each row of `hidden` is
     labels_out = probs_out = stage_out = None  # made at the first partial exit
@@ -140,9 +150,11 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
     state: ExitState | None = None  # made when a criterion needs it (exit_step)
     last = runner.num_stages - 1
     for stage in range(runner.num_stages):
-        started, cpu = time.perf_counter(), time.process_time()
+        cpu0 = time.process_time() if measure_cpu else 0.0
+        started = time.perf_counter()
         out = runner.run(stage, hidden)
-        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu0 if measure_cpu else None
         leave, labels, probs, state = _direct_step(policy, stage, stage == last, out, state)
         if not early_exit and stage != last:
             leave = np.zeros(len(rows), bool)

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from server.engine.direct import DIRECT_MAX_ROWS, FlopCounts, StageCosts, exit_step, row_tokens, run_direct
+from server.engine.direct import FlopCounts, StageCosts, exit_step, row_tokens
+from server.engine.inline import DirectPath, TurnBatcher
 from server.engine.rows import Batch, Chunk, PendingRequest, by_request, merge, post_result
 from server.engine.runtime import StageOutputs, StageRunner
 from server.engine.window import LiveWindow
@@ -45,7 +46,7 @@ from server.settings import Settings
 log = logging.getLogger("offramp.scheduler")
 
 
-class ModelScheduler:
+class ModelScheduler(DirectPath):
     """Queues, worker thread and exit decisions of one model."""
 
     def __init__(self, name: str, runner: StageRunner, *, flops: list[int], num_classes: int,
@@ -78,6 +79,7 @@ class ModelScheduler:
         self._running: Batch | None = None  # the batch the worker is computing
         self._direct = False  # a request runs on its caller's thread (server.engine.direct)
         self._costs = StageCosts(flops)
+        self._turn = TurnBatcher(self._claim_direct, self._run_direct, self._enqueue, settings.max_batch_size)
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -127,8 +129,15 @@ class ModelScheduler:
         if n > limit:
             raise BadRequest(f"request has {n} samples; model {self.name!r} queues at most {limit} "
                              "(max_queue_size): split it")
-        if direct and self._may_run_direct(n, busy) and self._claim_direct(n):
-            return self._run_direct(x, n, early_exit)
+        if direct and self._may_run_direct(n, busy):
+            if busy and isinstance(x, np.ndarray):  # with others that arrive in this turn (server.engine.inline)
+                return await self._turn.submit(x, early_exit)
+            if self._claim_direct(n):
+                return self._run_direct(x, n, early_exit)
+        return await self._enqueue(x, early_exit)
+
+    async def _enqueue(self, x: Any, early_exit: bool) -> InferResult:
+        n, limit = len(x), self.settings.max_queue_size
         loop = asyncio.get_running_loop()
         req = PendingRequest(n, loop, loop.create_future(), np.zeros(n, np.int64),
                        np.zeros((n, self.num_classes), np.float32), np.zeros(n, np.int32), remaining=n)
@@ -155,46 +164,6 @@ class ModelScheduler:
         except asyncio.CancelledError:  # the client went away: drop its work as well
             self._abandon(req)
             raise
-
-    def _may_run_direct(self, n: int, busy: bool) -> bool:
-        """Cheap pre-check, no lock: small request, no shadow sampling, fast model, not thread-bound."""
-        if (n > min(DIRECT_MAX_ROWS, self.settings.max_batch_size) or self.window.enabled or self._load
-                or getattr(self.runner, "thread_bound", False)):
-            return False
-        expected = self._costs.full_depth()
-        budget = self.settings.inline_busy_budget_ms if busy else self.settings.inline_budget_ms
-        return expected is not None and expected * 1000.0 <= budget
-
-    def _claim_direct(self, n: int) -> bool:
-        """Whether the model is idle (nothing waiting, nothing running): then this request has it."""
-        with self._cond:
-            if not self._accepting:
-                raise NotReady(f"model {self.name!r} is not accepting requests")
-            if self._load or self._running is not None or self._direct:
-                return False
-            self._direct = True
-            self._load += n
-            return True
-
-    def _run_direct(self, x: np.ndarray, n: int, early_exit: bool) -> InferResult:
-        try:
-            return run_direct(self.runner, self._policy, x, early_exit=early_exit, num_classes=self.num_classes,
-                              on_stage=self._direct_stage_done)
-        except Exception as err:  # an onnxruntime failure fails this request, as on the worker
-            log.exception("%s: direct run of %d rows failed", self.name, n)
-            raise OfframpError(f"model {self.name!r}: inference failed: {type(err).__name__}: {err}", 500) from err
-        finally:
-            with self._cond:
-                self._direct = False
-                self._load -= n
-                if self._load or any(self._shadow):  # the worker waits only if there is work for it
-                    self._cond.notify_all()
-
-    def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int,
-                           tokens: np.ndarray | None, cpu: float) -> None:
-        self._costs.observe(stage, rows, cpu, direct=True)
-        self.metrics.stage_done(self.name, stage, rows, seconds, answered,
-                                *self.flop_counts.of(stage, answered, tokens))
 
     def _abandon(self, req: PendingRequest) -> None:
         with self._cond:

@@ -157,6 +157,8 @@ if HAVE_HTTPTOOLS:
                 super()._start_asgi_task(cycle, app)
                 return
             task = self.loop.create_task(_answer_lean(lean, target, cycle))
+            lean.arrived()
+            task.add_done_callback(lean.finished)
             task.add_done_callback(self.tasks.discard)
             self.tasks.add(task)
 

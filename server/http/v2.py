@@ -153,8 +153,9 @@ async def infer(model: str, request: Request) -> Response:
 
 
 async def answer_infer(state: Any, model: str, version: str | None, header_length: str | None,
-                       body: Coroutine[Any, Any, bytes]) -> tuple[bytes, dict[str, str]]:
-    """Decode, infer, encode one request; every failure an OfframpError; metrics counted."""
+                       body: Coroutine[Any, Any, bytes], counted: bool = False) -> tuple[bytes, dict[str, str]]:
+    """Decode, infer, encode one request; every failure an OfframpError; metrics counted. `counted`:
+    the caller counted the request in `state.in_progress` already (from its arrival)."""
     engine: ServingEngine = state.engine
     settings: Settings = state.settings
     metrics: Metrics = state.metrics
@@ -164,7 +165,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
     # that the loop's own work (other requests' bodies, decoding, encoding) overlaps with compute
     # on another core, unless the model is so fast that the hand-off costs more
     # (`inline_busy_budget_ms`); alone, the request may run them right here (server.engine.direct).
-    state.in_progress += 1
+    state.in_progress += 0 if counted else 1
     try:
         bundle = bundle_for(engine, model, version)
         raw = await body
@@ -186,7 +187,7 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
         metrics.request_done(label, "error")
         raise OfframpError(f"internal error: {type(err).__name__}") from err
     finally:
-        state.in_progress -= 1
+        state.in_progress -= 0 if counted else 1
         body.close()  # the body is not read when the model or version is unknown
     metrics.request_done(label, "ok", time.perf_counter() - started)
     return content, headers
@@ -203,10 +204,10 @@ def infer_target(method: str, path: str) -> Target | None:
     return None if match is None else (match.group(1), match.group(2))
 
 
-async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, bytes]],
-                       receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, bytes]], receive: Any,
+                       counted: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """(status, raw headers with content-length, body) of one infer request, errors included,
-    from its raw request headers and an ASGI `receive` for its body."""
+    from its raw request headers and an ASGI `receive` for its body (`counted`: as answer_infer)."""
     settings: Settings = state.settings
     length = encoding = header_length = None
     for key, value in headers:  # only three headers matter here: no dict of all of them
@@ -219,7 +220,7 @@ async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, by
             header_length = value.decode("latin-1")
     body = read_limited(length, encoding, asgi_chunks(receive), settings.max_request_bytes, settings.body_timeout_s)
     try:
-        content, out = await answer_infer(state, target[0], target[1], header_length, body)
+        content, out = await answer_infer(state, target[0], target[1], header_length, body, counted)
         status = 200
     except OfframpError as err:
         status, content = err.status_code, dumps({"error": err.message})
@@ -247,7 +248,11 @@ class LeanInfer:
     """The infer route for uvicorn's httptools protocol, below ASGI (`server.http.connections`):
     the protocol asks `target` for each request and answers the infer ones with `answer` in a
     single write, past uvicorn's ASGI cycle, its middleware and the app's door. While the server
-    drains, every request takes the usual path (whose middleware answers 503)."""
+    drains, every request takes the usual path (whose middleware answers 503).
+
+    A request counts as in progress from its arrival (`arrived`, when the protocol has its
+    headers) to its task's end (`finished`), not only while its task runs: requests read in the
+    same turn of the loop then see each other, and a small model batches them (server.engine.inline)."""
 
     def __init__(self, state: Any):
         self.state = state
@@ -258,6 +263,12 @@ class LeanInfer:
     def draining(self) -> bool:
         return bool(self.state.draining)
 
+    def arrived(self) -> None:
+        self.state.in_progress += 1
+
+    def finished(self, _: Any = None) -> None:
+        self.state.in_progress -= 1
+
     async def answer(self, target: Target, headers: list[tuple[bytes, bytes]],
                      receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        return await infer_answer(self.state, target, headers, receive)
+        return await infer_answer(self.state, target, headers, receive, counted=True)

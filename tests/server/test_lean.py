@@ -52,12 +52,19 @@ class FakeLean:
 
     def __init__(self, fail: bool = False, headers: list[tuple[bytes, bytes]] | None = None):
         self.fail, self.headers, self.draining_now, self.seen = fail, headers or [], False, []
+        self.in_progress, self.most = 0, 0
 
     def target(self, method: str, path: str) -> Any:
         return None if self.draining_now else infer_target(method, path)
 
     def draining(self) -> bool:
         return self.draining_now
+
+    def arrived(self) -> None:
+        self.in_progress += 1
+
+    def finished(self, _: Any = None) -> None:
+        self.in_progress -= 1
 
     async def answer(self, target: Any, headers: list[tuple[bytes, bytes]], receive: Any) -> Any:
         body = b""
@@ -67,6 +74,7 @@ class FakeLean:
             if not message.get("more_body"):
                 break
         self.seen.append((target, body))
+        self.most = max(self.most, self.in_progress)
         if self.fail:
             raise RuntimeError("boom")
         return 200, [(b"content-type", b"application/json"), *self.headers,
@@ -115,6 +123,26 @@ def test_an_infer_request_is_answered_by_the_lean_handler_in_one_write() -> None
     assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 8" in head
     assert b"server: uvicorn" in head and b"date: " in head  # uvicorn's default headers too
     assert b"connection" not in head and body == b'{"a": 1}' and not transport.closed_by_server
+    assert lean.most == 1 and lean.in_progress == 0  # counted in progress while it ran, and no longer
+
+
+def test_requests_read_in_one_turn_count_each_other_as_in_progress() -> None:
+    lean = FakeLean()
+
+    async def run() -> None:
+        config = Config(app=asgi_app, lifespan="off", log_config=None, access_log=False)
+        config.load()
+        cls = guarded_protocol(10.0, 100, lean)
+        protocols = [cls(config=config, server_state=ServerState(), app_state={})  # type: ignore[call-arg]
+                     for _ in range(3)]
+        for p in protocols:  # three connections readable in the same turn of the loop
+            p.connection_made(RecordingTransport())  # type: ignore[attr-defined]
+            p.data_received(request())  # type: ignore[attr-defined]
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
+    assert len(lean.seen) == 3 and lean.most == 3 and lean.in_progress == 0
 
 
 def test_the_versioned_path_names_its_version_and_other_routes_reach_the_app() -> None:
