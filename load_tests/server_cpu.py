@@ -1,7 +1,7 @@
 """Server CPU per request: start a server, send single-sample V2 requests from C client threads,
 read the server process's CPU time from /proc before and after.
 
-    python -m load_tests.server_cpu BUNDLE --requests 3000 --clients 8 [--format json]
+    python -m load_tests.server_cpu BUNDLE --requests 3000 --clients 8 [--format json] [--client httpx]
     # an older checkout, for a before/after figure (its entry point was `server.cli`):
     python -m load_tests.server_cpu BUNDLE --root /path/to/old/checkout --module server.cli
 """
@@ -42,8 +42,11 @@ def _bodies(count: int, fmt: str) -> list[tuple[bytes, dict[str, str]]]:
     return out
 
 
-def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, fmt: str) -> dict:
+def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, fmt: str,
+            client: str = "raw") -> dict:
     import httpx
+
+    from load_tests.raw_client import RawHttpClient
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("OFFRAMP_")}
@@ -64,11 +67,14 @@ def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, 
             time.sleep(0.1)
 
         def run(n: int) -> None:
-            with httpx.Client(base_url=base) as client:
+            c = RawHttpClient(base) if client == "raw" else httpx.Client(base_url=base)
+            try:
                 for i in range(n):
                     body, headers = bodies[i % len(bodies)]
-                    r = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+                    r = c.post(f"/v2/models/{model}/infer", content=body, headers=headers)
                     assert r.status_code == 200, r.text
+            finally:
+                c.close()
 
         run(200)  # warm up
         cpu0, began = cpu_seconds(proc.pid), time.perf_counter()
@@ -82,7 +88,7 @@ def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, 
         proc.terminate()
         proc.wait(30)
     done = (requests // clients) * clients
-    return {"module": module, "root": str(root), "format": fmt, "requests": done, "seconds": seconds,
+    return {"module": module, "root": str(root), "format": fmt, "client": client, "requests": done, "seconds": seconds,
             "requests_per_s": done / seconds, "server_cpu_ms_per_request": 1e3 * used / done}
 
 
@@ -94,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--format", choices=["binary", "json"], default="binary")
+    parser.add_argument("--client", choices=["raw", "httpx"], default="raw",
+                        help="the load generator's client (raw: load_tests/raw_client.py)")
     args = parser.parse_args(argv)
-    r = measure(args.bundle, args.root, args.module, args.requests, args.clients, args.format)
-    print(f"{r['module']} ({r['format']}): {r['requests']} requests in {r['seconds']:.1f} s "
+    r = measure(args.bundle, args.root, args.module, args.requests, args.clients, args.format, args.client)
+    print(f"{r['module']} ({r['format']}, {r['client']} client): {r['requests']} requests in {r['seconds']:.1f} s "
           f"({r['requests_per_s']:.0f}/s), server CPU {r['server_cpu_ms_per_request']:.3f} ms per request")
     return 0
 
