@@ -57,14 +57,17 @@ def digits_test_split(split_seed: int = 0) -> RequestData:
 
 def bundle_dataset(manifest: Any) -> str:
     """The built-in data set a bundle was exported for, read from what its export config wrote
-    (the input's preprocessing text); ValueError for a bundle of anything else."""
+    (the input's preprocessing text, or that text with steps of its own after a "; ", as the heavy
+    preset's upscaling: the longest config text that matches); ValueError for a bundle of anything else."""
     from model_export.export import DATASET_EXPORT_CONFIGS, EXPORT_CONFIGS
 
     if manifest.text is not None:
         return "rotten-tomatoes"
-    for dataset, config in DATASET_EXPORT_CONFIGS.items():
-        if EXPORT_CONFIGS[config].preprocessing == manifest.input.preprocessing:
-            return dataset
+    text = manifest.input.preprocessing
+    matches = [(len(known), dataset) for dataset, config in DATASET_EXPORT_CONFIGS.items()
+               if text == (known := EXPORT_CONFIGS[config].preprocessing) or text.startswith(known + "; ")]
+    if matches:
+        return max(matches)[1]
     raise ValueError(f"{manifest.name}: not a bundle of a built-in data set (digits, digits-hard, mnist, "
                      "rotten-tomatoes); give the request data yourself")
 

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0)
     """How long the first waiting sample may wait for a batch to fill before stage 0 runs."""
 
-    inline_budget_ms: float = Field(5.0, ge=0)
+    inline_budget_ms: float = Field(10.0, ge=0)
     """A request of up to 4 samples that finds the model idle (nothing queued or running) runs its
     stages on the caller's thread, with no hand-off to the worker thread, when its full depth is
     expected to take at most this long (from measured stage times); through HTTP and gRPC only when no
@@ -88,10 +88,11 @@ class Settings(BaseSettings):
 
     inline_busy_budget_ms: float = Field(2.0, ge=0)
     """The same, for a request that arrives while other requests are in progress: a model whose full
-    depth is expected to take at most this long (measured as CPU time on the direct path) still
-    runs on the caller's thread when idle, as handing a small model's request to the worker thread
-    and back costs more CPU than batching it with others saves. 0: such requests always go through
-    the worker's queues."""
+    depth is expected to take at most this long (measured on the direct path) still runs on the
+    caller's thread when idle, together with the requests that arrived in the same turn of the
+    event loop (one batch), as handing a small model's requests to the worker thread and back costs
+    more CPU than the compute it would overlap. 0: such requests always go through the worker's
+    queues."""
 
     length_bucket_tokens: int = Field(16, ge=0)
     """Text models on CPU: a stage batch whose rows differ in length runs as one run per bucket of

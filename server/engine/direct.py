@@ -28,11 +28,9 @@ from server.text import TokenRows
 DIRECT_MAX_ROWS = 4  # larger requests go to the worker: they are worth batching with others
 WINDOW = 9  # stage runs remembered per stage
 REESTIMATE_EVERY = 16
-CPU_SAMPLE_EVERY = 8  # direct requests per one that reads its stages' CPU time (a syscall each side)
 
-# (stage, rows run, seconds, rows answered there, their token counts for text models,
-#  process CPU seconds when measured)
-StageHook = Callable[[int, int, float, int, "np.ndarray | None", "float | None"], None]
+# (stage, rows run, seconds, rows answered there, their token counts for text models)
+StageHook = Callable[[int, int, float, int, "np.ndarray | None"], None]
 
 
 class FlopCounts:
@@ -61,15 +59,13 @@ def row_tokens(x: Any) -> np.ndarray | None:
 
 
 class StageCosts:
-    """Seconds one stage run of up to DIRECT_MAX_ROWS rows takes: the median of its last few runs.
-    Once the model has run on the direct path, only direct runs count, measured as the process's
-    CPU time (onnxruntime's pool threads included; other threads' work at the same moment too, so
-    the figure errs high). Wall times also count waits: the OS running other processes on the core
-    (a load generator beside the server) and, on the worker, taking the GIL back from the event
-    loop after onnxruntime released it (up to the interpreter's switch interval); with them, a fast
-    model under load looked slow and was kept off the direct path, where a request costs least
-    CPU. Stages not measured (early exits keep deep stages idle) are estimated from their FLOPs at
-    the slowest measured rate. The full-depth figure is recomputed every few observations, not on
+    """Seconds one stage run of up to DIRECT_MAX_ROWS rows takes: the median of its last few runs
+    (robust to a run the OS descheduled). Once a stage has run on the direct path, only its direct
+    runs count: a run on the worker also waits to take the GIL back from the event loop after
+    onnxruntime released it (up to the interpreter's switch interval), and under load those waits
+    made a fast model look slow and kept it off the direct path, where a request costs least.
+    Stages not measured (early exits keep deep stages idle) are estimated from their FLOPs at the
+    slowest measured rate. The full-depth figure is recomputed every few observations, not on
     every request."""
 
     def __init__(self, flops: list[int]):
@@ -78,7 +74,6 @@ class StageCosts:
         self.direct = [False] * len(flops)  # whether the stage's window holds direct runs
         self._estimate: float | None = None
         self._fresh = 0  # observations since the estimate was computed
-        self._requests = 0  # direct requests seen by `sample`
 
     def observe(self, stage: int, rows: int, seconds: float, direct: bool = False) -> None:
         if rows > DIRECT_MAX_ROWS or (self.direct[stage] and not direct):
@@ -92,20 +87,12 @@ class StageCosts:
         if self._estimate is None or self._fresh >= REESTIMATE_EVERY:
             self._estimate, self._fresh = self._full_depth(), 0
 
-    def sample(self) -> bool:
-        """Whether this direct request measures its stages' CPU time: the first few, then one in
-        CPU_SAMPLE_EVERY (reading the process's CPU clock is a system call)."""
-        self._requests += 1
-        return self._requests <= WINDOW or self._requests % CPU_SAMPLE_EVERY == 0
-
     def full_depth(self) -> float | None:
         """Expected seconds of a small request at full depth; None before any stage was measured."""
         return self._estimate
 
     def _full_depth(self) -> float | None:
-        direct = any(self.direct)
-        medians = [sorted(r)[len(r) // 2] if r and (d or not direct) else None
-                   for r, d in zip(self.recent, self.direct, strict=True)]
+        medians = [sorted(r)[len(r) // 2] if r else None for r in self.recent]
         known = [(m, f) for m, f in zip(medians, self.flops, strict=True) if m is not None]
         if not known:
             return None
@@ -140,9 +127,8 @@ def _direct_step(policy: ExitPolicy, stage: int, last: bool, out: StageOutputs,
 
 
 def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: bool, num_classes: int,
-               on_stage: StageHook, measure_cpu: bool = True) -> InferResult:
-    """Every row of `x` answered at its exit, running the stages here (see the module docstring);
-    `measure_cpu`: each stage's process CPU time goes to `on_stage` too (else None)."""
+               on_stage: StageHook) -> InferResult:
+    """Every row of `x` answered at its exit, running the stages here (see the module docstring)."""
     n = len(x)
     rows = np.arange(n)  # which request row each row of `hidden` is
     labels_out = probs_out = stage_out = None  # made at the first partial exit
@@ -150,17 +136,17 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
     state: ExitState | None = None  # made when a criterion needs it (exit_step)
     last = runner.num_stages - 1
     for stage in range(runner.num_stages):
-        cpu0 = time.process_time() if measure_cpu else 0.0
         started = time.perf_counter()
         out = runner.run(stage, hidden)
         seconds = time.perf_counter() - started
-        cpu = time.process_time() - cpu0 if measure_cpu else None
+        if not early_exit and stage != last:  # full depth: no exit to decide before the last stage
+            on_stage(stage, len(rows), seconds, 0, None)
+            hidden = out.hidden
+            continue
         leave, labels, probs, state = _direct_step(policy, stage, stage == last, out, state)
-        if not early_exit and stage != last:
-            leave = np.zeros(len(rows), bool)
         tokens = row_tokens(hidden)
         if leave.all():  # the common case at batch 1: everyone left here
-            on_stage(stage, len(rows), seconds, len(rows), tokens, cpu)
+            on_stage(stage, len(rows), seconds, len(rows), tokens)
             if labels_out is None or probs_out is None or stage_out is None:  # nobody left earlier
                 return InferResult(labels.astype(np.int64, copy=False), probs, np.full(n, stage, np.int32))
             labels_out[rows], probs_out[rows], stage_out[rows] = labels, probs, stage
@@ -173,7 +159,7 @@ def run_direct(runner: StageRunner, policy: ExitPolicy, x: Any, *, early_exit: b
                 stage_out = np.empty(n, np.int32)
             where = rows[exited]
             labels_out[where], probs_out[where], stage_out[where] = labels[exited], probs[exited], stage
-        on_stage(stage, len(rows), seconds, len(exited), None if tokens is None else tokens[exited], cpu)
+        on_stage(stage, len(rows), seconds, len(exited), None if tokens is None else tokens[exited])
         if len(exited):
             stay = np.flatnonzero(~leave)
             rows, state = rows[stay], None if state is None else state.take(stay)

@@ -79,7 +79,7 @@ class DirectPath:
     def _run_direct(self, x: np.ndarray, n: int, early_exit: bool) -> InferResult:
         try:
             return run_direct(self.runner, self._policy, x, early_exit=early_exit, num_classes=self.num_classes,
-                              on_stage=self._direct_stage_done, measure_cpu=self._costs.sample())
+                              on_stage=self._direct_stage_done)
         except Exception as err:  # an onnxruntime failure fails this request, as on the worker
             log.exception("%s: direct run of %d rows failed", self.name, n)
             raise OfframpError(f"model {self.name!r}: inference failed: {type(err).__name__}: {err}", 500) from err
@@ -91,9 +91,8 @@ class DirectPath:
                     self._cond.notify_all()
 
     def _direct_stage_done(self, stage: int, rows: int, seconds: float, answered: int,
-                           tokens: np.ndarray | None, cpu: float | None) -> None:
-        if cpu is not None:
-            self._costs.observe(stage, rows, cpu, direct=True)
+                           tokens: np.ndarray | None) -> None:
+        self._costs.observe(stage, rows, seconds, direct=True)
         self.metrics.stage_done(self.name, stage, rows, seconds, answered,
                                 *self.flop_counts.of(stage, answered, tokens))
 

@@ -258,5 +258,8 @@ def test_every_load_test_picks_the_test_split_of_the_bundles_own_data_set(tiny_b
 
     assert bundle_dataset(with_preprocessing(HARD_PREPROCESSING)) == "digits-hard"
     assert bundle_dataset(with_preprocessing(mnist_preprocessing())) == "mnist"
+    heavy = m.input.preprocessing + "; then upscaled bilinearly to 32x32 inside stage 0"  # the heavy preset's
+    assert bundle_dataset(with_preprocessing(heavy)) == "digits"
+    assert bundle_dataset(with_preprocessing(HARD_PREPROCESSING + "; then upscaled")) == "digits-hard"
     with pytest.raises(ValueError, match="not a bundle of a built-in data set"):
         bundle_dataset(with_preprocessing("my own pixels"))

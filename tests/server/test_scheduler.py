@@ -569,10 +569,12 @@ def test_stage_costs_prefer_direct_runs_over_the_workers_inflated_ones() -> None
     assert costs.full_depth() == pytest.approx(3 * 0.0001)
     for _ in range(20):
         costs.observe(0, 1, 0.004)  # later worker runs of that stage no longer count
-        costs.observe(1, 1, 0.004)  # nor those of a stage with no direct run while others have one
     assert costs.full_depth() == pytest.approx(3 * 0.0001)
+    for _ in range(20):
+        costs.observe(1, 1, 0.0002)  # a stage with no direct run yet: its worker runs count
+    assert costs.full_depth() == pytest.approx(0.0001 + 2 * 0.0002)
     costs.observe(0, 8, 1.0, direct=True)  # bigger than a direct request: never counted
-    assert costs.full_depth() == pytest.approx(3 * 0.0001)
+    assert costs.full_depth() == pytest.approx(0.0001 + 2 * 0.0002)
 
 
 def test_a_failing_stage_on_the_direct_path_is_a_500_and_the_model_keeps_serving() -> None:
