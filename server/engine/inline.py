@@ -126,10 +126,13 @@ class TurnBatcher:
 
     def _flush(self) -> None:
         waiting, self._waiting = [w for w in self._waiting if not w.future.done()], []
-        for early in (True, False):
+        groups: dict[tuple[bool, tuple[int, ...]], list[_Waiting]] = {}
+        for w in waiting:  # rows batch with rows of their own shape (a -1 in the input spec) and flag
+            groups.setdefault((w.early_exit, w.x.shape[1:]), []).append(w)
+        for (early, _), group in groups.items():
             batch: list[_Waiting] = []
             rows = 0
-            for w in (w for w in waiting if w.early_exit is early):
+            for w in group:
                 if batch and rows + len(w.x) > self.max_rows:
                     self._run(batch, rows, early)
                     batch, rows = [], 0
@@ -139,14 +142,14 @@ class TurnBatcher:
                 self._run(batch, rows, early)
 
     def _run(self, batch: list[_Waiting], rows: int, early_exit: bool) -> None:
-        if not self.claim(rows):  # the worker has work now: these requests join its queues
-            for w in batch:
-                _chain(asyncio.ensure_future(self.enqueue(w.x, early_exit)), w.future)
-            return
-        x = batch[0].x if len(batch) == 1 else np.concatenate([w.x for w in batch])
         try:
-            result = self.run(x, rows, early_exit)
-        except Exception as err:  # an OfframpError (the run's failure): every request in it gets it
+            x = batch[0].x if len(batch) == 1 else np.concatenate([w.x for w in batch])
+            if not self.claim(rows):  # the worker has work now: these requests join its queues
+                for w in batch:
+                    _chain(asyncio.ensure_future(self.enqueue(w.x, early_exit)), w.future)
+                return
+            result = self.run(x, rows, early_exit)  # releases the claim, whatever happens
+        except Exception as err:  # the run's OfframpError, or NotReady while stopping: every request gets it
             for w in batch:
                 if not w.future.done():
                     w.future.set_exception(err)

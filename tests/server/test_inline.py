@@ -147,3 +147,47 @@ def test_without_a_busy_budget_nothing_is_gathered() -> None:
 
     asyncio.run(scenario())
     assert {name for _, name in recorder.threads} == {"offramp-m"}
+
+
+def test_rows_of_different_sample_shapes_batch_apart() -> None:
+    """An input spec with a -1 in the sample shape lets requests differ: each shape its own batch."""
+    runner = ScriptedRunner(2, plan={u: 0 for u in range(8)})
+    sched = make(runner)
+
+    def wide(*uids: int) -> np.ndarray:
+        x = np.zeros((len(uids), 5))
+        x[:, 0] = uids
+        return x
+
+    async def scenario() -> list[InferResult]:
+        sched.start()
+        try:
+            await _warm(sched, 7)
+            runner.calls.clear()
+            return list(await asyncio.gather(sched.submit(ids(0), busy=True), sched.submit(wide(1), busy=True),
+                                             sched.submit(ids(2), busy=True), sched.submit(wide(3), busy=True)))
+        finally:
+            await sched.stop()
+
+    results = asyncio.run(scenario())
+    assert [r.exit_stage.tolist() for r in results] == [[0]] * 4
+    assert sorted(uids for _, uids in runner.calls) == [[0, 2], [1, 3]]
+
+
+def test_a_model_that_stops_fails_the_gathered_requests_instead_of_leaving_them_waiting() -> None:
+    runner = ScriptedRunner(2, plan={u: 0 for u in range(4)})
+    sched = make(runner)
+
+    async def scenario() -> list[object]:
+        sched.start()
+        await _warm(sched, 3)
+        turn = [asyncio.ensure_future(sched.submit(ids(u), busy=True)) for u in (0, 1)]
+        await asyncio.sleep(0)  # both wait for the next turn
+        sched._accepting = False  # the model stops accepting before their batch runs
+        results = await asyncio.wait_for(asyncio.gather(*turn, return_exceptions=True), 5)
+        sched._accepting = True
+        await sched.stop()
+        return list(results)
+
+    for err in asyncio.run(scenario()):
+        assert isinstance(err, OfframpError) and err.status_code == 503
