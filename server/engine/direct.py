@@ -6,8 +6,10 @@ stage of a small model costs at batch 1. When nothing else is queued or running 
 to batch with, so the scheduler runs such a request here instead: the same stages, the same exit
 decisions (`exits.decide` with the policy snapshot taken once), survivors going straight into the
 next stage, later stages never run for rows that left. Only requests whose full depth is expected
-to cost at most `inline_budget_ms` take it, so the event loop is never held for long; the
-estimate comes from measured stage times (`StageCosts`).
+to cost at most `inline_budget_ms` take it (`inline_busy_budget_ms` when the caller has other
+requests in progress: those run batched with their turn, server.engine.inline), so the event loop
+is never held for long; the estimate comes from measured stage times (`StageCosts`). The
+scheduler's side of it (admission, the claim on the model) is `server.engine.inline.DirectPath`.
 """
 
 from __future__ import annotations

@@ -97,8 +97,6 @@ class DirectPath:
                                 *self.flop_counts.of(stage, answered, tokens))
 
 
-
-
 class _Waiting:
     __slots__ = ("x", "early_exit", "future")
 
