@@ -127,6 +127,11 @@ try:
 except ImportError:  # httptools is the optional `fast` extra
     HAVE_HTTPTOOLS = False
 
+# The lean infer path hooks uvicorn's protocol where it starts a request's task (`_start_asgi_task`)
+# and writes the response as its cycle would: a uvicorn without that hook serves every request
+# through ASGI instead.
+LEAN_SUPPORTED = HAVE_HTTPTOOLS and hasattr(HttpToolsProtocol, "_start_asgi_task")
+
 if HAVE_HTTPTOOLS:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
@@ -204,7 +209,7 @@ def guarded_protocol(header_timeout_s: float, max_connections: int, lean: Any = 
     installed (the `fast` extra), answering infer requests through `lean` when given, else h11."""
     base: type[_Guard] = GuardedHttpToolsProtocol if HAVE_HTTPTOOLS else GuardedH11Protocol
     return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections,
-                                         "lean": lean})
+                                         "lean": lean if LEAN_SUPPORTED else None})
 
 
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:

@@ -16,7 +16,7 @@ pytest.importorskip("httptools")
 from uvicorn.config import Config  # noqa: E402
 from uvicorn.server import ServerState  # noqa: E402
 
-from server.http.connections import guarded_protocol  # noqa: E402
+from server.http.connections import LEAN_SUPPORTED, guarded_protocol  # noqa: E402
 from server.http.v2 import infer_target  # noqa: E402
 
 BODY = b'{"inputs": []}'
@@ -112,6 +112,10 @@ def exchange(lean: FakeLean, *chunks: bytes, settle: int = 20) -> RecordingTrans
         return transport
 
     return asyncio.run(run())
+
+
+def test_the_installed_uvicorn_has_the_hook_the_lean_path_needs() -> None:
+    assert LEAN_SUPPORTED  # else every request would quietly take the slower ASGI path
 
 
 def test_an_infer_request_is_answered_by_the_lean_handler_in_one_write() -> None:
