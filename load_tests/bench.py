@@ -1,7 +1,8 @@
 """`offramp bench`: early exit against full depth, side by side in one run, on one bundle.
 
-Configurations, measured on the digits test split, or for text models (`sentiment`) the sentiment
-preset's test sentences, never the calibration data; with text every configuration, the
+Configurations, measured on the test split of the bundle's own data set (load_tests/data.py
+`test_split_for`: digits, digits-hard, MNIST, or for text models the sentiment preset's test
+sentences), never the calibration data; with text every configuration, the
 references included, tokenizes its sentences inside the timed call, with the bundle's tokenizer:
 
 - `reference-1t` / `reference-ort`: the bundle's monolithic `reference.onnx` in plain onnxruntime,
@@ -496,8 +497,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the load generator's client (default raw: load_tests/raw_client.py)")
     parser.add_argument("--no-http", action="store_true", help="in-process configurations only")
     parser.add_argument("--data", type=Path,
-                        help="request data file (default: the digits test split; text models: the sentiment test "
-                        "sentences)")
+                        help="request data file (default: the test split of the bundle's own data set; text "
+                        "models: the sentiment test sentences)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="execution provider (default cpu)")
     parser.add_argument("--cuda-graphs", action="store_true",

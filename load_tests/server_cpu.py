@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from load_tests.run_locust import cpu_seconds, free_port
@@ -22,24 +23,20 @@ from load_tests.run_locust import cpu_seconds, free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bodies(count: int, fmt: str) -> list[tuple[bytes, dict[str, str]]]:
-    from load_tests.data import digits_test_split
+def _bodies(bundle: Path, count: int, fmt: str) -> list[tuple[bytes, dict[str, str]]]:
+    """Single-sample requests on the test split of the bundle's own data set (the bench's encoders),
+    binary in and out as tritonclient sends by default, or JSON."""
+    from load_tests.data import test_split_for
+    from server.bundle import load_bundle
+    from server.http.codec import encode_request
+    from server.http.text_codec import encode_text_request
 
-    x = digits_test_split().x
-    out = []
-    for i in range(count):
-        xi = x[i % len(x): i % len(x) + 1]
-        if fmt == "json":
-            doc = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 8, 8], "data": xi.ravel().tolist()}]}
-            out.append((json.dumps(doc).encode(), {"content-type": "application/json"}))
-            continue
-        head = json.dumps({  # binary in and out, as tritonclient sends by default
-            "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 8, 8],
-                        "parameters": {"binary_data_size": 256}}],
-            "parameters": {"binary_data_output": True}}).encode()
-        out.append((head + xi.astype("<f4").tobytes(), {"content-type": "application/octet-stream",
-                                                        "Inference-Header-Content-Length": str(len(head))}))
-    return out
+    manifest = load_bundle(bundle).manifest
+    data = test_split_for(manifest)
+    binary = fmt == "binary"
+    encode = encode_text_request if data.is_text else partial(encode_request, input_name=manifest.input.name)
+    return [encode(data.x[i % len(data):i % len(data) + 1], binary=binary, binary_output=True if binary else None)
+            for i in range(count)]
 
 
 def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, fmt: str,
@@ -56,7 +53,7 @@ def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, 
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     model = json.loads((bundle / "manifest.json").read_text())["name"]
-    bodies = _bodies(300, fmt)
+    bodies = _bodies(bundle, 300, fmt)
     try:
         for _ in range(600):  # bounded: up to a minute for the server to start
             try:
@@ -65,6 +62,8 @@ def measure(bundle: Path, root: Path, module: str, requests: int, clients: int, 
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
+        else:
+            raise RuntimeError(f"{module} serve on {base} was not ready within a minute")
 
         def run(n: int) -> None:
             c = RawHttpClient(base) if client == "raw" else httpx.Client(base_url=base)

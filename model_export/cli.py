@@ -137,7 +137,7 @@ def train_cmd(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:  # a head text models refuse; wheels not installed
         print(f"offramp train: {err}", file=sys.stderr)
         return 2
-    prefix = "sentiment" if args.dataset == "rotten-tomatoes" else "digits"
+    prefix = {"rotten-tomatoes": "sentiment", "mnist": "mnist"}.get(args.dataset, "digits")
     name = args.name or f"{prefix}-{args.recipe}-{run.head}" + ("-hard" if args.dataset == "digits-hard" else "")
     try:
         out = export_recipe(run, args.out, splits, name=name, seed=args.seed)

@@ -26,7 +26,6 @@ together, so comparisons are at equal training cost.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import nn
 
 from model_export.data import Split, Splits
 from model_export.heads import FEATURES, HEADS, TOKENS, subsample
-from model_export.train import Objective, TrainConfig, TrainResult, train
+from model_export.train import Objective, TrainConfig, TrainResult, total_steps, train
 from model_export.vit import MultiExitViT
 from server.bundle import GATE, HIDDEN, LOGITS
 
@@ -464,7 +463,7 @@ class JEI(Recipe):
         main = phase(cfg, 1 - self.pretrain_share - self.warmup_share)
         if cfg.max_steps is not None:  # the phases share the budget exactly
             main = replace(main, max_steps=max(1, cfg.max_steps - pre.steps - warm.steps))
-        total = main.max_steps or main.epochs * math.ceil(len(data) / cfg.batch_size)
+        total = total_steps(main, len(data))  # the steps `train` will take in this phase
         block = max(1, round(total * self.block_share / (1 - self.pretrain_share - self.warmup_share)))
         seen, hits, step = [0], torch.zeros(s - 1), [0]
 

@@ -130,7 +130,6 @@ class MultiExitEncoder(ExitStages, nn.Module):
     def stage_input_names(self, i: int) -> list[str]:
         return [INPUT_IDS if i == 0 else HIDDEN_IN, ATTENTION_MASK]
 
-
     def dynamic_axes(self, name: str) -> dict[int, str]:
         return {0: "batch"} if name in (LOGITS, GATE, SIMILARITY) else {0: "batch", 1: "sequence"}
 

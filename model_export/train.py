@@ -108,6 +108,12 @@ def _exit_weights(cfg: TrainConfig, num_exits: int) -> torch.Tensor:
     return w / w.sum()
 
 
+def total_steps(cfg: TrainConfig, n: int) -> int:
+    """The optimiser steps `train` takes on `n` samples: the epochs' steps, capped by `max_steps`."""
+    per_epoch = math.ceil(n / cfg.batch_size)
+    return per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+
+
 def train(
     model: nn.Module,
     data: Split | TextSplit,
@@ -131,12 +137,7 @@ def train(
     y_all = torch.from_numpy(data.y)
     n = len(y_all)
     batch_of = _batcher(data, cfg, gen)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = (
-        steps_per_epoch * cfg.epochs
-        if cfg.max_steps is None
-        else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    )
+    total = total_steps(cfg, n)
     warmup = max(1, int(total * cfg.warmup_fraction))
     params = list(model.parameters() if parameters is None else parameters)
     if not params:

@@ -189,9 +189,7 @@ def _position_embeddings(graph: _Graph, prefix: str, dim: int) -> np.ndarray:
             side = math.isqrt(p)
             if side * side != p:
                 continue
-            if value.ndim == 3:  # [1, P, D]
-                grid.append(value.reshape(1, p, dim))
-            elif value.shape[-1] == dim:  # [1, s, s, D]
+            if value.ndim == 3 or value.shape[-1] == dim:  # [1, P, D] or [1, s, s, D]
                 grid.append(value.reshape(1, p, dim))
             else:  # [1, D, s, s]
                 grid.append(value.reshape(1, dim, p).transpose(0, 2, 1))

@@ -227,7 +227,6 @@ class MultiExitViT(ExitStages, nn.Module):
     def exits(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return self(inputs[self.input_name])
 
-
     def stage_modules(self, i: int) -> list[nn.Module]:
         """Modules whose parameters belong to stage i (its exit head included)."""
         mods: list[nn.Module] = [self.embed] if i == 0 else []

@@ -71,7 +71,7 @@ def test_manifest_validates_against_the_kserve_api_types(name: str) -> None:
     (lambda d: d["spec"].update(multiModel="no"), "'no' is not of type 'boolean'"),
     (lambda d: d.update(kind="ServingRuntimes"), "is not one of"),
 ])
-def test_the_schema_refuses_what_the_api_server_would(mutate: Any, where: str) -> None:
+def test_the_schema_refuses_misspelt_missing_and_mistyped_fields(mutate: Any, where: str) -> None:
     bad = copy.deepcopy(doc("servingruntime.yaml"))
     mutate(bad)
     with pytest.raises(jsonschema.ValidationError) as err:
@@ -98,9 +98,9 @@ def test_runtime_arguments_are_valid_settings_on_kserves_ports() -> None:
     assert settings.bundles == [Path(MODEL_DIR)] and settings.model_name == "digits"
     assert (settings.host, settings.port, settings.grpc_port) == ("0.0.0.0", 8080, 8081)
     container = runtime_container()
-    assert container["ports"] == [{"name": "http1", "containerPort": 8080, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "http1", "containerPort": settings.port, "protocol": "TCP"}]
     probes = {k: container[k]["httpGet"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
-    assert {p["port"] for p in probes.values()} == {8080}
+    assert {p["port"] for p in probes.values()} == {settings.port}
     assert probes["readinessProbe"]["path"] == "/v2/health/ready"
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/v2/health/live"
     for var in container["env"]:  # pydantic-settings would silently drop a misspelt OFFRAMP_ variable
@@ -164,7 +164,7 @@ def test_the_pod_serves_the_bundle_under_the_inference_service_name(pod: ServerP
     assert answer.status_code == 200 and answer.json()["model_name"] == "digits"
 
 
-def test_the_pod_answers_grpc_on_the_h2c_port(pod: ServerProcess) -> None:
+def test_the_pod_answers_over_grpc_under_the_inference_service_name(pod: ServerProcess) -> None:
     grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (test extra)")
     import numpy as np
 

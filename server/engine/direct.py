@@ -83,7 +83,7 @@ class StageCosts:
         if direct and not self.direct[stage]:
             self.recent[stage].clear()  # the worker's runs give way to the first direct one
             self.direct[stage] = True
-            self._fresh = REESTIMATE_EVERY
+            self._estimate = None  # re-estimated at once, below
         self.recent[stage].append(seconds)
         self._fresh += 1
         if self._estimate is None or self._fresh >= REESTIMATE_EVERY:

@@ -100,7 +100,7 @@ def create_app(settings: Settings, *, engine: ServingEngine | None = None, metri
     app.state.metrics = metrics
     app.state.control = control
     app.state.draining = False  # set on SIGTERM (server.cli) so /v2/health/ready turns 503 at once
-    app.state.in_progress = 0  # infer requests being answered (server.http.v2.answer_infer)
+    app.state.in_progress = 0  # infer requests being answered (server.http.v2.in_progress, LeanInfer)
     app.state.policy_sync = build_sync(store, engine, settings)  # several replicas or workers, one store
 
     app.include_router(v2)

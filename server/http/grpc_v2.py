@@ -26,7 +26,7 @@ from server import __version__
 from server.bundle import NUMPY_DTYPES
 from server.errors import BadRequest, OfframpError, Overloaded
 from server.http import codec, describe, text_codec
-from server.http.v2 import UNKNOWN_MODEL, bundle_for, outcome
+from server.http.v2 import UNKNOWN_MODEL, bundle_for, in_progress, outcome
 from server.interface import ServingEngine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -95,24 +95,22 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         model = request.model_name
         label = model if model in self.engine.model_names() else UNKNOWN_MODEL
         started = time.perf_counter()
-        self.state.in_progress += 1  # shared with REST (server.http.v2.answer_infer): alone, the direct path
-        try:
-            if self.state.draining:
-                raise OfframpError("the server is shutting down: retry on another replica", 503)
-            bundle = self._bundle(model, request.model_version)
-            x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
-            result = await describe.infer(self.engine, model, bundle, x, early_exit=early_exit, outputs=wanted,
-                                          busy=self.state.in_progress > 1)
-            response = encode(bundle.manifest, request.id, result, wanted)
-        except OfframpError as err:
-            metrics.request_done(label, outcome(err.status_code))
-            await self._fail(context, err)
-        except Exception as err:  # a bug: log it, INTERNAL, never a broken stream
-            log.exception("gRPC infer on model %r failed", model)
-            metrics.request_done(label, "error")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
-        finally:
-            self.state.in_progress -= 1
+        with in_progress(self.state):  # shared with REST: alone, the request may take the direct path
+            try:
+                if self.state.draining:
+                    raise OfframpError("the server is shutting down: retry on another replica", 503)
+                bundle = self._bundle(model, request.model_version)
+                x, early_exit, wanted = decode(request, bundle, settings.max_samples_per_request)
+                result = await describe.infer(self.engine, model, bundle, x, early_exit=early_exit, outputs=wanted,
+                                              busy=self.state.in_progress > 1)
+                response = encode(bundle.manifest, request.id, result, wanted)
+            except OfframpError as err:
+                metrics.request_done(label, outcome(err.status_code))
+                await self._fail(context, err)
+            except Exception as err:  # a bug: log it, INTERNAL, never a broken stream
+                log.exception("gRPC infer on model %r failed", model)
+                metrics.request_done(label, "error")
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}")
         metrics.request_done(label, "ok", time.perf_counter() - started)
         return response
 

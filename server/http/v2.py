@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
@@ -147,15 +148,28 @@ async def infer(model: str, request: Request) -> Response:
     """The route as FastAPI sees it (and documents it); requests are served by `infer_asgi` first."""
     _, settings, _ = _state(request)
     body = read_body(request, settings.max_request_bytes, settings.body_timeout_s)
-    content, headers = await answer_infer(request.app.state, model, request.path_params.get("version"),
-                                          request.headers.get(codec.INFER_HEADER), body)
+    with in_progress(request.app.state):
+        content, headers = await answer_infer(request.app.state, model, request.path_params.get("version"),
+                                              request.headers.get(codec.INFER_HEADER), body)
     return Response(content, headers=headers)
 
 
+@contextmanager
+def in_progress(state: Any) -> Iterator[None]:
+    """Count one infer request in `state.in_progress` while it is answered. REST and gRPC share the
+    count: a request that finds no other in progress may run its stages right here
+    (server.engine.direct). The lean path counts from arrival instead (`LeanInfer`)."""
+    state.in_progress += 1
+    try:
+        yield
+    finally:
+        state.in_progress -= 1
+
+
 async def answer_infer(state: Any, model: str, version: str | None, header_length: str | None,
-                       body: Coroutine[Any, Any, bytes], counted: bool = False) -> tuple[bytes, dict[str, str]]:
-    """Decode, infer, encode one request; every failure an OfframpError; metrics counted. `counted`:
-    the caller counted the request in `state.in_progress` already (from its arrival)."""
+                       body: Coroutine[Any, Any, bytes]) -> tuple[bytes, dict[str, str]]:
+    """Decode, infer, encode one request; every failure an OfframpError; metrics counted. The caller
+    counts it in `state.in_progress` (`in_progress`, or `LeanInfer` from its arrival)."""
     engine: ServingEngine = state.engine
     settings: Settings = state.settings
     metrics: Metrics = state.metrics
@@ -165,7 +179,6 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
     # that the loop's own work (other requests' bodies, decoding, encoding) overlaps with compute
     # on another core, unless the model is so fast that the hand-off costs more
     # (`inline_busy_budget_ms`); alone, the request may run them right here (server.engine.direct).
-    state.in_progress += 0 if counted else 1
     try:
         bundle = bundle_for(engine, model, version)
         raw = await body
@@ -187,7 +200,6 @@ async def answer_infer(state: Any, model: str, version: str | None, header_lengt
         metrics.request_done(label, "error")
         raise OfframpError(f"internal error: {type(err).__name__}") from err
     finally:
-        state.in_progress -= 0 if counted else 1
         body.close()  # the body is not read when the model or version is unknown
     metrics.request_done(label, "ok", time.perf_counter() - started)
     return content, headers
@@ -204,10 +216,10 @@ def infer_target(method: str, path: str) -> Target | None:
     return None if match is None else (match.group(1), match.group(2))
 
 
-async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, bytes]], receive: Any,
-                       counted: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, bytes]],
+                       receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """(status, raw headers with content-length, body) of one infer request, errors included,
-    from its raw request headers and an ASGI `receive` for its body (`counted`: as answer_infer)."""
+    from its raw request headers and an ASGI `receive` for its body (counted by the caller)."""
     settings: Settings = state.settings
     length = encoding = header_length = None
     for key, value in headers:  # only three headers matter here: no dict of all of them
@@ -220,7 +232,7 @@ async def infer_answer(state: Any, target: Target, headers: list[tuple[bytes, by
             header_length = value.decode("latin-1")
     body = read_limited(length, encoding, asgi_chunks(receive), settings.max_request_bytes, settings.body_timeout_s)
     try:
-        content, out = await answer_infer(state, target[0], target[1], header_length, body, counted)
+        content, out = await answer_infer(state, target[0], target[1], header_length, body)
         status = 200
     except OfframpError as err:
         status, content = err.status_code, dumps({"error": err.message})
@@ -238,7 +250,8 @@ async def infer_asgi(state: Any, scope: dict[str, Any], receive: Any, send: Any)
     target = infer_target(scope["method"], scope["path"])
     if target is None:
         return False
-    status, raw, content = await infer_answer(state, target, scope["headers"], receive)
+    with in_progress(state):
+        status, raw, content = await infer_answer(state, target, scope["headers"], receive)
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": content})
     return True
@@ -271,4 +284,4 @@ class LeanInfer:
 
     async def answer(self, target: Target, headers: list[tuple[bytes, bytes]],
                      receive: Any) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        return await infer_answer(self.state, target, headers, receive, counted=True)
+        return await infer_answer(self.state, target, headers, receive)  # counted since `arrived`

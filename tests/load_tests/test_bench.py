@@ -238,9 +238,11 @@ def test_bench_with_cuda_graphs_has_a_graph_reference_among_the_baselines(tiny_b
     rows = {(r["config"], r["batch"]) for r in report["results"]}
     assert {("reference-graph", b) for b in cfg.batch_sizes} <= rows
     assert all(r["baseline"] in ("reference-1t", "reference-ort", "reference-graph") for r in report["results"])
+    # the graph baseline answers what reference.onnx answers: the full-depth label of every sample
+    assert all(r["agreement"] == 1.0 for r in report["results"] if r["config"] == "reference-graph")
 
 
-def test_every_load_test_picks_the_test_split_of_the_bundles_own_data_set(tiny_bundle: Path) -> None:
+def test_the_test_split_is_that_of_the_bundles_own_data_set(tiny_bundle: Path) -> None:
     """bench, conformal, policy_accuracy and coverage read the data set from the bundle: a digits-hard
     or MNIST bundle is never measured on clean digits, a bundle of anything else is refused."""
     from load_tests.data import bundle_dataset, test_split_for

@@ -152,7 +152,7 @@ def test_served_sets_are_the_exit_quantiles_of_the_live_policy(
     assert (out["prediction_set"] == want).all()
     assert not out["prediction_set"].all()  # informative: not every class for every sample (LAC sets
     # may also be empty: no class reaches 1 - q, as in dynn's `get_pred_sets`)
-    assert (policy_quantiles(bundle, policy if early_exit else None) == q).all()  # what the server caches
+    assert (policy_quantiles(bundle, policy if early_exit else None) == q).all()  # the server's cached path too
 
 
 def test_sets_are_only_sent_when_asked_and_listed_in_the_metadata(server: ServerProcess) -> None:

@@ -48,6 +48,7 @@ def test_requests_of_one_turn_run_as_one_batch_and_exit_for_real() -> None:
 def test_batched_answers_equal_answers_alone() -> None:
     runner = ArithmeticRunner(num_stages=4)
     policy = ExitPolicy("max_prob", (0.6, 0.7, 0.8), 1)
+    runner.hook = recorder = ThreadRecorder()
     sched = make(runner, policy=policy)
     rng = np.random.default_rng(3)
     rows = [np.concatenate([[u], rng.normal(0, 1, 6)])[None, :] for u in range(10)]
@@ -57,6 +58,8 @@ def test_batched_answers_equal_answers_alone() -> None:
         try:
             await sched.submit(rows[0])
             await sched.submit(rows[0])
+            runner.calls.clear()
+            recorder.threads.clear()
             return await asyncio.gather(*(sched.submit(r, busy=True, early_exit=u % 4 != 0)
                                           for u, r in enumerate(rows)))
         finally:
@@ -66,21 +69,27 @@ def test_batched_answers_equal_answers_alone() -> None:
         label, probs, stage = runner.reference(r[0], policy, early_exit=u % 4 != 0)
         assert result.labels.tolist() == [label] and result.exit_stage.tolist() == [stage]
         np.testing.assert_allclose(result.probabilities[0], probs, rtol=1e-6)
+    # two batches on the direct path, one per early_exit flag
+    assert sorted(uids for stage, uids in runner.calls if stage == 0) == [[0, 4, 8], [1, 2, 3, 5, 6, 7, 9]]
+    assert {name for _, name in recorder.threads} == {threading.main_thread().name}
 
 
 def test_a_turn_batch_respects_max_batch_size() -> None:
     runner = ScriptedRunner(2, plan={u: 0 for u in range(10)})
+    runner.hook = recorder = ThreadRecorder()
     sched = make(runner, max_batch_size=4)
 
     async def scenario() -> None:
         sched.start()
         await _warm(sched, 9)
         runner.calls.clear()
+        recorder.threads.clear()
         await asyncio.gather(*(sched.submit(ids(u, u + 100), busy=True) for u in range(5)))
         await sched.stop()
 
     asyncio.run(scenario())
     assert [len(uids) for stage, uids in runner.calls if stage == 0] == [4, 4, 2]
+    assert {name for _, name in recorder.threads} == {threading.main_thread().name}  # on the direct path
 
 
 def test_a_caller_that_left_is_not_run_and_a_failure_reaches_every_request_of_the_batch() -> None:
@@ -118,19 +127,31 @@ def test_when_the_worker_has_work_the_turn_joins_its_queues() -> None:
         try:
             await _warm(sched, 9)
             recorder.threads.clear()
-            turn = [asyncio.ensure_future(sched.submit(ids(u), busy=True)) for u in (0, 1)]
-            sched._claim_direct(1)  # another caller takes the model first
-            await asyncio.sleep(0.01)
-            sched._direct, sched._load = False, sched._load - 1  # ... and gives it back
-            with sched._cond:
-                sched._cond.notify_all()
-            return list(await asyncio.gather(*turn))
+            turn = [asyncio.ensure_future(sched.submit(ids(u), busy=True)) for u in (0, 1, 2)]
+            await asyncio.sleep(0)  # all three wait for their turn's batch
+            assert len(sched._turn._waiting) == 3
+            assert sched._claim_direct(1)  # another caller takes the model before the batch runs
+            try:
+                for _ in range(3):  # the batch finds it claimed: its requests go to the worker's queues
+                    await asyncio.sleep(0)
+                assert sched._load == 1 + 3 and not sched._turn._waiting
+                turn[2].cancel()  # a caller that leaves while queued takes its rows out of the queues
+                await asyncio.sleep(0.01)
+                assert sched._load == 1 + 2
+            finally:
+                with sched._cond:  # ... the other caller gives the model back
+                    sched._direct, sched._load = False, sched._load - 1
+                    sched._cond.notify_all()
+            results = list(await asyncio.gather(*turn[:2]))
+            assert sched._load == 0
+            return results
         finally:
             await sched.stop()
 
     results = asyncio.run(scenario())
     assert [r.exit_stage.tolist() for r in results] == [[2], [2]]
     assert {name for _, name in recorder.threads} == {"offramp-m"}  # all their stages ran on the worker
+    assert 2 not in runner.uids_at(0)  # the one that left never ran
 
 
 def test_without_a_busy_budget_nothing_is_gathered() -> None:

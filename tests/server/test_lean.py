@@ -7,6 +7,7 @@ test that starts `offramp serve` (tests/fakes.py ServerProcess) when httptools i
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -219,3 +220,36 @@ def test_without_a_lean_handler_infer_reaches_the_app() -> None:
         return b"".join(transport.writes)
 
     assert asyncio.run(run()).startswith(b"HTTP/1.1 299 ")
+
+
+def test_the_served_app_answers_infer_through_its_lean_route_in_one_write() -> None:
+    """What `offramp serve` builds: the app's own LeanInfer wired into uvicorn's protocol class."""
+    from server.cli import uvicorn_config
+    from server.http.app import create_app
+    from server.settings import Settings
+    from tests.fakes import FakeEngine
+
+    app = create_app(Settings(), engine=FakeEngine())
+    config = uvicorn_config(app, Settings(), 8000, "off")
+    assert config.http.lean is app.lean  # type: ignore[union-attr]
+    doc = json.dumps({"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [2, 8, 8],
+                                  "data": [0.0] * 128}]}).encode()
+    bad = b'{"inputs": [1,'
+
+    async def run() -> RecordingTransport:
+        config.load()
+        protocol = config.http(config=config, server_state=ServerState(), app_state={})  # type: ignore[operator]
+        transport = RecordingTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(request("/v2/models/digits/infer", doc) + request("/v2/models/digits/infer", bad))
+        for _ in range(40):
+            await asyncio.sleep(0)
+        return transport
+
+    transport = asyncio.run(run())
+    assert len(transport.writes) == 2  # one write per response
+    ok_head, _, ok_body = transport.writes[0].partition(b"\r\n\r\n")
+    assert ok_head.startswith(b"HTTP/1.1 200 OK") and json.loads(ok_body)["outputs"][0]["data"] == [0, 1]
+    bad_head, _, bad_body = transport.writes[1].partition(b"\r\n\r\n")
+    assert bad_head.startswith(b"HTTP/1.1 400 ") and "malformed JSON" in json.loads(bad_body)["error"]
+    assert app.state.in_progress == 0
